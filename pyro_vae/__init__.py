@@ -1,0 +1,1 @@
+"""pyro-vae: variational autoencoders as real Pyro programs."""
