@@ -1,0 +1,160 @@
+"""The VAE as a Pyro model/guide pair.
+
+Generative model (Kingma & Welling 2013, section 3)::
+
+    z_i ~ N(0, I)                      latent site "z", event dim 1
+    x_i ~ p(x | decoder(z_i))          observed site "x", the likelihood's distribution
+
+Guide (the encoder, amortized over data)::
+
+    z_i ~ N(loc(x_i), diag(scale(x_i)^2))
+
+Datapoints live in the plate ``"data"`` at dim -1, so any ELBO with ``max_plate_nesting=1`` can
+run them with vectorized particles at dim -2. ``kl_scale`` multiplies the latent site's
+log-densities in both model and guide (``poutine.scale``), turning the ELBO into
+``E_q[log p(x|z)] - kl_scale * KL(q(z|x) || p(z))`` for beta-VAEs and KL annealing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer.util import is_validation_enabled
+from torch import nn
+
+from .errors import ConfigError, DataError
+from .likelihoods import Likelihood, make_likelihood
+from .networks import IMAGE_SHAPE, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+ARCHITECTURES = ("mlp", "conv")
+
+
+class VAE(nn.Module):
+    """A variational autoencoder whose ``model`` and ``guide`` are Pyro programs.
+
+    Args:
+        x_dim: pixels per datapoint (the MLP takes ``(N, x_dim)``; the conv model needs 784 and
+            takes ``(N, 1, 28, 28)``).
+        z_dim: latent dimensions.
+        likelihood: ``"bernoulli"``, ``"continuous_bernoulli"``, ``"normal"`` or a
+            :class:`~pyro_vae.likelihoods.Likelihood`.
+        normal_scale: for ``"normal"``: a positive float (fixed), ``"shared"``, ``"pixel"`` or
+            ``"decoder"``.
+        architecture: ``"mlp"`` or ``"conv"``.
+        hidden: hidden layer widths of the MLP encoder (the decoder mirrors them), or the one dense
+            width of the conv networks.
+        activation: ``"softplus"``, ``"relu"``, ``"tanh"`` or ``"elu"``.
+        kl_scale: weight of the KL term (1 is the ELBO; set it per step for annealing).
+    """
+
+    def __init__(
+        self,
+        x_dim: int = 784,
+        z_dim: int = 20,
+        likelihood: str | Likelihood = "bernoulli",
+        normal_scale: str | float = "shared",
+        architecture: str = "mlp",
+        hidden: Sequence[int] | int = (400,),
+        activation: str = "softplus",
+        kl_scale: float = 1.0,
+    ):
+        super().__init__()
+        if x_dim < 1 or z_dim < 1:
+            raise ConfigError(f"x_dim and z_dim must be positive, got x_dim={x_dim}, z_dim={z_dim}")
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if architecture == "conv" and x_dim != 784:
+            raise ConfigError(f"the conv architecture is built for 1x28x28 images (x_dim=784), got x_dim={x_dim}")
+        self.x_shape = IMAGE_SHAPE if architecture == "conv" else (x_dim,)
+        self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale)
+        if self.likelihood.x_shape != self.x_shape:
+            raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")
+        # the decoder emits num_params values per pixel (per channel for images)
+        if architecture == "conv":
+            width = hidden[0] if hidden else 256
+            self.encoder = ConvEncoder(z_dim, width, activation)
+            self.decoder = ConvDecoder(z_dim, self.likelihood.num_params * IMAGE_SHAPE[0], width, activation)
+        else:
+            self.encoder = MLPEncoder(x_dim, z_dim, hidden, activation)
+            self.decoder = MLPDecoder(z_dim, self.likelihood.num_params * x_dim, hidden, activation)
+        self.z_dim = z_dim
+        self.kl_scale = kl_scale
+        self.register_buffer("prior_loc", torch.zeros(z_dim))
+        self.register_buffer("prior_scale", torch.ones(z_dim))
+
+    def prior(self) -> dist.TorchDistribution:
+        """``p(z) = N(0, I)``, built from buffers so it lives on the module's device."""
+        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise :class:`DataError` naming the fix unless ``x`` is a batch this model can score.
+
+        The value checks (finite, within the likelihood's support) read the data back from the
+        device, so they run only while Pyro's validation is enabled (the default).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        expected = "(N, " + ", ".join(map(str, self.x_shape)) + ")"
+        if x.dim() != len(self.x_shape) + 1 or tuple(x.shape[1:]) != self.x_shape:
+            raise DataError(f"x has shape {tuple(x.shape)}, but this model takes a batch of shape {expected}")
+        if x.shape[0] == 0:
+            raise DataError("x is an empty batch; pass at least one datapoint")
+        if not x.dtype.is_floating_point:
+            raise DataError(f"x has dtype {x.dtype}; convert it to floating point (uint8 images: x.float() / 255)")
+        if x.dtype != self.prior_loc.dtype:
+            raise DataError(f"x has dtype {x.dtype} but the model's parameters are {self.prior_loc.dtype}; use x.to({self.prior_loc.dtype})")
+        if x.device != self.prior_loc.device:
+            raise DataError(f"x is on {x.device} but the model is on {self.prior_loc.device}; move one of them (x.to(device) or vae.to(device))")
+        if is_validation_enabled():
+            if not torch.all(torch.isfinite(x)):
+                raise DataError("x has NaN or infinite values")
+            self.likelihood.check_support(x)
+
+    def data_plate(self, batch: int, num_data: int | None, subsample_size: int | None) -> pyro.plate:
+        """The ``"data"`` plate. ``num_data``: x is a minibatch of a dataset of that size (log-densities
+        are scaled by ``num_data / batch``). ``subsample_size``: the plate draws its own subsample of x."""
+        if num_data is None:
+            return pyro.plate("data", batch, subsample_size=subsample_size, dim=-1, device=self.prior_loc.device)
+        if subsample_size is not None:
+            raise ConfigError("pass either num_data (x is already a minibatch) or subsample_size, not both")
+        if num_data < batch:
+            raise ConfigError(f"num_data={num_data} is smaller than the batch of {batch}")
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=self.prior_loc.device), dim=-1)
+
+    def model(self, x: torch.Tensor | None = None, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
+        """``p(x, z) = p(z) p(x|z)`` for the batch ``x``, or ``batch_size`` fresh draws when ``x`` is None."""
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        if x is not None:
+            self.check_data(x)
+        with self.data_plate(batch_size if x is None else x.shape[0], num_data, subsample_size) as idx:
+            with poutine.scale(scale=self.kl_scale):
+                z = pyro.sample("z", self.prior())
+            x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
+            return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
+        """``q(z|x) = N(z; loc(x), diag(scale(x)^2))`` from the encoder."""
+        pyro.module("encoder", self.encoder)
+        with self.data_plate(x.shape[0], num_data, subsample_size) as idx:
+            x_batch = x if subsample_size is None else x.index_select(0, idx)
+            loc, scale = self.encoder(x_batch)
+            with poutine.scale(scale=self.kl_scale):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of ``p(x|z)`` at the encoder's mean ``z = loc(x)``."""
+        loc, _ = self.encoder(x)
+        return self.likelihood(self.decoder(loc)).mean
+
+    @torch.no_grad()
+    def generate(self, n: int) -> torch.Tensor:
+        """Mean of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``."""
+        z = self.prior().sample((n,))
+        return self.likelihood(self.decoder(z)).mean
