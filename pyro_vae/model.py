@@ -11,7 +11,7 @@ Guide (the encoder, amortized over data)::
 
 Datapoints live in the plate ``"data"`` at dim -1, so any ELBO with ``max_plate_nesting=1`` can
 run them with vectorized particles at dim -2. ``kl_scale`` multiplies the latent site's
-log-densities in both model and guide (``poutine.scale``), turning the ELBO into
+log-densities in both model and guide (``poutine.scale``; ``poutine.mask`` at 0), turning the ELBO into
 ``E_q[log p(x|z)] - kl_scale * KL(q(z|x) || p(z))`` for beta-VAEs and KL annealing.
 """
 
@@ -91,6 +91,13 @@ class VAE(nn.Module):
         """``p(z) = N(0, I)``, built from buffers so it lives on the module's device."""
         return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
 
+    def kl_weighted(self):
+        """Handler weighting the latent site by ``kl_scale`` in model and guide alike; weight 0
+        (the start of KL annealing) masks the site, which Pyro's ``scale`` does not accept."""
+        if self.kl_scale < 0:
+            raise ConfigError(f"kl_scale must be non-negative, got {self.kl_scale}")
+        return poutine.scale(scale=self.kl_scale) if self.kl_scale > 0 else poutine.mask(mask=False)
+
     def check_data(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` naming the fix unless ``x`` is a batch this model can score.
 
@@ -133,7 +140,7 @@ class VAE(nn.Module):
         if x is not None:
             self.check_data(x)
         with self.data_plate(batch_size if x is None else x.shape[0], num_data, subsample_size) as idx:
-            with poutine.scale(scale=self.kl_scale):
+            with self.kl_weighted():
                 z = pyro.sample("z", self.prior())
             x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)
@@ -144,7 +151,7 @@ class VAE(nn.Module):
         with self.data_plate(x.shape[0], num_data, subsample_size) as idx:
             x_batch = x if subsample_size is None else x.index_select(0, idx)
             loc, scale = self.encoder(x_batch)
-            with poutine.scale(scale=self.kl_scale):
+            with self.kl_weighted():
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()

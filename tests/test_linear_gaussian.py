@@ -1,0 +1,89 @@
+"""Probabilistic PCA as a VAE with linear networks, where log p(x) and the posterior are exact.
+
+Model: z ~ N(0, I_2), x | z ~ N(W z + b, sigma^2 I_5), so p(x) = N(b, W W^T + sigma^2 I). With
+orthogonal columns of W, M = W^T W + sigma^2 I is diagonal and the exact posterior
+p(z|x) = N(M^-1 W^T (x - b), sigma^2 M^-1) is mean-field: a linear encoder can represent it.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, Normal, kl_divergence
+
+from pyro_vae import VAE, make_elbo
+from pyro_vae.networks import inverse_positive_scale
+
+X_DIM, Z_DIM, SIGMA = 5, 2, 0.5
+Z = 4.0
+
+
+def ppca(guide_loc_factor=1.0, guide_scale_factor=1.0):
+    """A linear VAE holding PPCA parameters; the guide is the exact posterior scaled by the factors."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(X_DIM, Z_DIM, generator=g, dtype=torch.float64))
+    w = q * torch.tensor([2.0, 0.7], dtype=torch.float64)
+    b = torch.randn(X_DIM, generator=g, dtype=torch.float64)
+    vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, likelihood="normal", normal_scale=SIGMA, hidden=()).double()
+    m_diag = (w**2).sum(0) + SIGMA**2
+    post_map = w.T / m_diag[:, None]  # M^-1 W^T
+    post_scale = SIGMA / m_diag.sqrt()
+    with torch.no_grad():
+        decoder, encoder = vae.decoder.net[0], vae.encoder.net[0]
+        decoder.weight.copy_(w)
+        decoder.bias.copy_(b)
+        encoder.weight.zero_()
+        encoder.weight[:Z_DIM] = guide_loc_factor * post_map
+        encoder.bias[:Z_DIM] = -guide_loc_factor * post_map @ b
+        encoder.bias[Z_DIM:] = inverse_positive_scale(guide_scale_factor * post_scale)
+    x = MultivariateNormal(b, w @ w.T + SIGMA**2 * torch.eye(X_DIM, dtype=torch.float64)).sample((8,))
+    log_px = MultivariateNormal(b, w @ w.T + SIGMA**2 * torch.eye(X_DIM, dtype=torch.float64)).log_prob(x)
+    posterior = Normal(x @ post_map.T - post_map @ b, post_scale)
+    return vae, x, log_px, posterior
+
+
+def bound_draws(name, k, vae, x, repeats):
+    elbo = make_elbo(name, k)
+    return torch.tensor([-elbo.loss(vae.model, vae.guide, x) for _ in range(repeats)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["trace", "iwae"])
+def test_exact_posterior_guide_makes_the_log_weight_estimators_exact(name):
+    vae, x, log_px, _ = ppca()
+    draws = bound_draws(name, 3, vae, x, 5)
+    # q = p(z|x): the log-weight log p(x,z) - log q(z|x) = log p(x) for every z, zero variance
+    torch.testing.assert_close(draws, torch.full_like(draws, log_px.sum().item()), rtol=1e-10, atol=1e-8)
+
+
+def test_exact_posterior_guide_leaves_meanfield_unbiased_but_noisy():
+    # the analytic KL is exact, but E_q[log p(x|z)] is still a Monte Carlo average: at the optimum
+    # Trace_ELBO has zero variance and TraceMeanField_ELBO does not
+    vae, x, log_px, _ = ppca()
+    draws = bound_draws("meanfield", 1, vae, x, 400)
+    mean, se = draws.mean().item(), draws.std().item() / math.sqrt(400)
+    assert abs(mean - log_px.sum().item()) <= Z * se
+    assert draws.std() > 0.1
+
+
+def test_elbo_is_below_log_px_by_the_kl_to_the_posterior():
+    vae, x, log_px, posterior = ppca(guide_loc_factor=0.8, guide_scale_factor=1.5)
+    loc, scale = vae.encoder(x)
+    gap = kl_divergence(Normal(loc, scale), posterior).sum().item()  # log p(x) - ELBO = KL(q || p(z|x))
+    draws = bound_draws("meanfield", 50, vae, x, 200)
+    mean, se = draws.mean().item(), draws.std().item() / math.sqrt(200)
+    assert mean < log_px.sum().item() - 1.0
+    assert abs((log_px.sum().item() - mean) - gap) <= Z * se
+
+
+def test_importance_weighted_bound_approaches_log_px():
+    vae, x, log_px, _ = ppca(guide_loc_factor=0.8, guide_scale_factor=1.5)
+    truth = log_px.sum().item()
+    gaps = []
+    for k in (1, 10, 100, 1000):
+        draws = bound_draws("iwae", k, vae, x, 50)
+        mean, se = draws.mean().item(), draws.std().item() / math.sqrt(50)
+        assert mean <= truth + Z * se  # a lower bound in expectation
+        gaps.append(truth - mean)
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 0.05 * gaps[0], gaps  # K=1000 closes more than 95% of the ELBO's gap
