@@ -1,0 +1,248 @@
+"""PNG figures of a VAE training run: ELBO curves, image grids, reconstructions, latent space.
+
+Every function takes plain tensors, arrays or lists, writes one PNG (creating parent
+directories) and returns its path. Figures are built as ``matplotlib.figure.Figure``
+objects rendered by Agg, never through pyplot, so no global figure state is touched and
+the functions are safe in scripts, servers and threads without a display.
+"""
+
+from math import isqrt
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from pyro_vae.errors import ConfigError, DataError
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+_DPI = 100
+_PAD = 2  # pixels between tiles of an image grid
+_PAD_VALUE = 0.5  # grey separators, visible against both black and white backgrounds
+_INCHES_PER_TILE = 0.8
+
+
+def _numpy(x):
+    """A tensor, array or nested list as a numpy array (floats as float64)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.double()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _save(fig, path):
+    """Write ``fig`` as a PNG at ``path`` (making parent directories), release it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=_DPI, bbox_inches="tight")
+    finally:
+        fig.clear()
+    return path
+
+
+def _as_images(images, what="images"):
+    """(N, H*W), (N, 1, H, W) or (N, H, W) pixel values as a float (N, H, W) array clamped to [0, 1]."""
+    arr = _numpy(images).astype(np.float64)
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    elif arr.ndim == 2:
+        side = isqrt(arr.shape[1])
+        if side * side != arr.shape[1]:
+            raise DataError(
+                f"{what} of shape {tuple(arr.shape)}: flat images need a square number of pixels "
+                "(784 for 28x28); pass (N, H, W) or (N, 1, H, W) for other sizes"
+            )
+        arr = arr.reshape(arr.shape[0], side, side)
+    if arr.ndim != 3 or arr.shape[0] == 0 or 0 in arr.shape[1:]:
+        raise DataError(
+            f"{what} of shape {tuple(arr.shape)}: expected a non-empty batch of grayscale images "
+            "shaped (N, 784), (N, 1, 28, 28) or (N, 28, 28)"
+        )
+    if not np.isfinite(arr).all():
+        raise DataError(f"{what} contain NaN or infinite pixel values; check the model's outputs")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _tile(images, ncol, pad=_PAD):
+    """One 2-D array of (N, H, W) images laid out row by row, ``ncol`` per row, ``pad`` pixels apart."""
+    n, h, w = images.shape
+    nrow = -(-n // ncol)
+    grid = np.full((nrow * (h + pad) - pad, ncol * (w + pad) - pad), _PAD_VALUE)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = image
+    return grid
+
+
+def _grid_figure(grid, ncol, title=None):
+    """A figure showing a tiled grayscale ``grid``, ``ncol`` images wide, without ticks."""
+    width = max(2.0, ncol * _INCHES_PER_TILE)
+    fig = Figure(figsize=(width, width * grid.shape[0] / grid.shape[1]), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_axis_off()
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
+def plot_elbo_curves(metrics, path):
+    """Train and test ELBO (nats per image) against epoch.
+
+    ``metrics`` is a list of per-epoch dicts with "epoch", "train_elbo" and optionally
+    "test_elbo"; epochs whose test ELBO is missing or None are left out of the test curve.
+    """
+    if len(metrics) == 0:
+        raise DataError("no metrics to plot: pass at least one epoch's dict")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for key, label in (("train_elbo", "train"), ("test_elbo", "test")):
+        points = [(m["epoch"], float(m[key])) for m in metrics if m.get(key) is not None]
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats per image)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_image_grid(images, path, nrow=None, title=None):
+    """A grid of grayscale images with ``nrow`` images per row (as torchvision's ``make_grid``).
+
+    By default the grid is square-ish: ceil(sqrt(N)) images per row. Pixel values are
+    clamped to [0, 1].
+    """
+    images = _as_images(images)
+    n = len(images)
+    ncol = isqrt(n - 1) + 1 if nrow is None else int(nrow)
+    if ncol < 1:
+        raise ConfigError(f"nrow={nrow}: the number of images per row must be at least 1")
+    ncol = min(ncol, n)
+    fig = _grid_figure(_tile(images, ncol), ncol, title)
+    return _save(fig, path)
+
+
+def plot_reconstructions(originals, reconstructions, path, ncol=8):
+    """Originals and their reconstructions in pairs of rows, ``ncol`` images wide.
+
+    Each row of originals is followed by the row of their reconstructions, so 16 images
+    make four rows: originals 0-7, reconstructions 0-7, originals 8-15, reconstructions 8-15.
+    """
+    originals = _as_images(originals, "originals")
+    reconstructions = _as_images(reconstructions, "reconstructions")
+    if originals.shape != reconstructions.shape:
+        raise DataError(
+            f"{len(originals)} originals of size {originals.shape[1:]} but {len(reconstructions)} "
+            f"reconstructions of size {reconstructions.shape[1:]}: pass one reconstruction per original"
+        )
+    if ncol < 1:
+        raise ConfigError(f"ncol={ncol}: the number of images per row must be at least 1")
+    n, h, w = originals.shape
+    ncol = min(ncol, n)
+    pairs = -(-n // ncol)
+    blank = np.full((pairs * ncol - n, h, w), _PAD_VALUE)
+    rows = np.stack(
+        [np.concatenate([originals, blank]), np.concatenate([reconstructions, blank])]
+    )  # (2, pairs * ncol, h, w)
+    interleaved = rows.reshape(2, pairs, ncol, h, w).transpose(1, 0, 2, 3, 4).reshape(-1, h, w)
+    fig = _grid_figure(
+        _tile(interleaved, ncol), ncol, "test images (top) and reconstructions (bottom)"
+    )
+    return _save(fig, path)
+
+
+def plot_latent_manifold(decode, path, n=20, z_range=None):
+    """The decoded manifold of a 2-D latent space (Kingma & Welling 2013, Fig. 4).
+
+    ``decode`` maps a (n*n, 2) float tensor of latent points (on the CPU) to (n*n, H*W)
+    pixel means in [0, 1]. Each axis takes ``n`` values: the standard-normal quantiles of
+    probabilities evenly spaced from 0.05 to 0.95, or ``torch.linspace(*z_range, n)`` when
+    ``z_range=(low, high)`` is given. z1 runs left to right and z2 bottom to top.
+    """
+    if n < 2:
+        raise ConfigError(f"n={n}: the manifold needs at least 2 points per latent axis")
+    if z_range is None:
+        values = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
+    else:
+        low, high = (float(v) for v in z_range)
+        if not low < high:
+            raise ConfigError(f"z_range={z_range}: expected (low, high) with low < high")
+        values = torch.linspace(low, high, n)
+    # Tile i (row-major, rows from the top) shows z1 = values[column], z2 = values[n - 1 - row].
+    z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")
+    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
+    with torch.no_grad():
+        decoded = decode(z)
+    images = _as_images(decoded, "decoded images")
+    if len(images) != n * n:
+        raise DataError(f"decode returned {len(images)} images for {n * n} latent points")
+    h, w = images.shape[1:]
+    fig = Figure(figsize=(8, 8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(_tile(images, n, pad=0), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ticks = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
+    labels = [f"{values[k].item():.2f}" for k in ticks]
+    ax.set_xticks((ticks + 0.5) * w - 0.5, labels)
+    ax.set_yticks((n - 1 - ticks + 0.5) * h - 0.5, labels)
+    ax.set_xlabel("$z_1$")
+    ax.set_ylabel("$z_2$")
+    ax.set_title("decoded latent manifold")
+    return _save(fig, path)
+
+
+def plot_latent_scatter(z, labels, path, class_names=None):
+    """Scatter of 2-D latent means coloured by integer class label (tab10, cycling past 10 classes).
+
+    ``class_names[k]`` names label ``k`` in the legend; labels are shown as numbers otherwise.
+    """
+    z = _numpy(z).astype(np.float64)
+    labels = _numpy(labels)
+    if z.ndim != 2 or z.shape[1] != 2 or len(z) == 0:
+        raise DataError(f"z of shape {tuple(z.shape)}: expected non-empty (N, 2) latent means")
+    if labels.shape != (len(z),):
+        raise DataError(f"labels of shape {tuple(labels.shape)}: expected one label per point, ({len(z)},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.array_equal(labels, np.round(labels)):
+            raise DataError("labels must be integer class indices")
+        labels = labels.astype(np.int64)
+    classes = np.unique(labels)
+    if classes[0] < 0:
+        raise DataError(f"label {classes[0]}: class labels must be non-negative")
+    if class_names is not None and classes[-1] >= len(class_names):
+        raise DataError(f"label {classes[-1]} has no name among the {len(class_names)} class_names")
+    cmap = colormaps["tab10"]
+    fig = Figure(figsize=(7.5, 6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter(z[:, 0], z[:, 1], c=cmap(labels % cmap.N), s=4, alpha=0.6, linewidths=0)
+    handles = [
+        Line2D([], [], linestyle="", marker="o", color=cmap(k % cmap.N),
+               label=str(k) if class_names is None else class_names[k])
+        for k in classes
+    ]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_xlabel("$z_1$ (posterior mean)")
+    ax.set_ylabel("$z_2$ (posterior mean)")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
