@@ -1,0 +1,167 @@
+"""The ``pyro-vae`` command: ``train``, ``evaluate`` and ``sample``.
+
+Errors a user can fix (bad data, impossible settings, an existing run folder) print one line
+``pyro-vae: error: ...`` and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import plots
+from .data import BINARIZATIONS, DATASETS, DeviceBatches, load_dataset
+from .errors import ConfigError, DataError
+from .evaluate import log_marginal_likelihood
+from .likelihoods import LIKELIHOODS
+from .model import ARCHITECTURES
+from .networks import ACTIVATIONS
+from .train import TRAIN_ESTIMATORS, NumericalError, TrainConfig, Trainer, load_run, mean_elbo
+
+DEFAULTS = TrainConfig()
+
+
+def normal_scale(text: str) -> str | float:
+    """``shared``, ``pixel``, ``decoder`` or a positive number (a fixed scale)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    # defaults are SUPPRESSed so that --resume can tell which settings the user gave
+    a = lambda *names, **kw: p.add_argument(*names, default=argparse.SUPPRESS, **kw)
+    d = DEFAULTS
+    a("--dataset", choices=sorted(DATASETS), help=f"image data set (default {d.dataset})")
+    a("--data-dir", help="folder with the IDX files or torchvision's layout (default: search the usual places)")
+    a("--download", action="store_true", help="download the data with torchvision if it is not found (needs internet)")
+    a("--likelihood", choices=LIKELIHOODS, help=f"observation model p(x|z) (default {d.likelihood})")
+    a("--normal-scale", type=normal_scale, help="for --likelihood normal: shared, pixel, decoder or a fixed positive number (default shared)")
+    a("--binarize", choices=BINARIZATIONS, help="pixel binarization (default: dynamic for bernoulli, none otherwise)")
+    a("--architecture", choices=ARCHITECTURES, help=f"encoder/decoder networks (default {d.architecture})")
+    a("--hidden", type=int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
+    a("--activation", choices=sorted(ACTIVATIONS), help=f"(default {d.activation})")
+    a("--z-dim", type=int, help=f"latent dimensions (default {d.z_dim}; 2 also draws the latent manifold)")
+    a("--estimator", choices=TRAIN_ESTIMATORS, help=f"ELBO estimator (default {d.estimator}: analytic KL)")
+    a("--num-particles", type=int, help=f"vectorized samples of z per datapoint (default {d.num_particles})")
+    a("--epochs", type=int, help=f"(default {d.epochs})")
+    a("--batch-size", type=int, help=f"(default {d.batch_size})")
+    a("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    a("--kl-anneal-epochs", type=float, help="warm the KL weight up from 0 to 1 over this many epochs (default 0: no annealing)")
+    a("--seed", type=int, help=f"(default {d.seed})")
+    a("--max-train", type=int, help="train on the first N images only (quick runs)")
+    a("--max-test", type=int, help="evaluate on the first N test images only")
+    a("--device", help="auto (GPU if present), cpu or cuda (default auto)")
+    p.add_argument("--run-dir", type=Path, help="run folder (default: runs/<dataset>-<likelihood>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume:
+        if args.run_dir is None:
+            raise ConfigError("--resume needs --run-dir, the folder of the run to continue")
+        saved, _, _ = load_run(args.run_dir, device="cpu")
+        config = dataclasses.replace(saved, **given)  # Trainer refuses changes to the run's identity
+    else:
+        config = TrainConfig(**given)
+    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
+    start = time.perf_counter()
+    try:
+        metrics = trainer.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
+        return 130
+    if metrics:
+        last = metrics[-1]
+        print(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, {time.perf_counter() - start:.0f} s this session")
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def test_split(config: TrainConfig, device: torch.device) -> DeviceBatches:
+    data = load_dataset(config.dataset, config.data_dir, config.download)
+    n = config.max_test
+    return DeviceBatches(data.test_images[:n], data.test_labels[:n], config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=False, flatten=config.architecture == "mlp", device=device)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    config, vae, _ = load_run(args.run_dir, args.device)
+    if args.data_dir is not None:
+        config.data_dir = args.data_dir
+    test = test_split(config, vae.prior_loc.device)
+    elbo = mean_elbo(vae, test.eval_batches(), config.seed)
+    torch.manual_seed(config.seed)
+    parts = [log_marginal_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples, chunk_size=args.chunk_size) for x, _ in test.eval_batches()]
+    log_px = torch.cat([p.log_px for p in parts])
+    result = {
+        "test_images": log_px.numel(),
+        "test_elbo": elbo,
+        "num_samples": args.num_samples,
+        "test_log_likelihood": log_px.mean().item(),
+        "test_log_likelihood_se": (log_px.std() / log_px.numel() ** 0.5).item(),
+        "bits_per_dim": -log_px.mean().item() / (784 * torch.log(torch.tensor(2.0)).item()),
+        "max_per_image_se": torch.cat([p.standard_error for p in parts]).max().item(),
+    }
+    print(f"test ELBO            {elbo:.2f} nats/image ({result['test_images']} images)")
+    print(f"test log p(x), K={args.num_samples:<5d} {result['test_log_likelihood']:.2f} +- {result['test_log_likelihood_se']:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim)")
+    (Path(args.run_dir) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    config, vae, _ = load_run(args.run_dir, args.device)
+    torch.manual_seed(args.seed)
+    out = args.out or Path(args.run_dir) / "samples.png"
+    plots.plot_image_grid(vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
+    print(f"written: {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, evaluate and sample.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a VAE with SVI on MNIST-family images", description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.")
+    add_train_arguments(t)
+    t.set_defaults(run=train_command)
+    e = sub.add_parser("evaluate", help="test ELBO and importance-sampled log p(x) of a saved run")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--num-samples", type=int, default=1000, help="importance samples per image (Burda et al. use 5000; default 1000)")
+    e.add_argument("--chunk-size", type=int, default=250, help="particles drawn at a time (memory)")
+    e.add_argument("--data-dir", help="where the test data is, if not where training found it")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(run=evaluate_command)
+    s = sub.add_parser("sample", help="a PNG grid of samples from a saved run")
+    s.add_argument("run_dir", type=Path)
+    s.add_argument("--num", type=int, default=64, help="number of samples")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples.png)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(run=sample_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, NumericalError) as e:
+        message = str(e).replace("\n", "\n  ")
+        print(f"pyro-vae: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
