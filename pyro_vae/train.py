@@ -229,10 +229,9 @@ class Trainer:
                 bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
         return {"train_elbo": -(total / max(count, 1)).item(), "skipped_steps": skipped, "kl_scale": self.vae.kl_scale}
 
-    def run(self, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
-        """Train until ``config.epochs`` (or, for tests, until ``stop_after_epoch``) epochs are done."""
-        last = self.config.epochs if stop_after_epoch is None else min(stop_after_epoch, self.config.epochs)
-        for epoch in range(self.epochs_done, last):
+    def run(self) -> list[dict[str, Any]]:
+        """Train until ``config.epochs`` epochs are done (a resumed run starts after its last)."""
+        for epoch in range(self.epochs_done, self.config.epochs):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             row["test_elbo"] = mean_elbo(self.vae.eval(), self.test_batches.eval_batches(), self.config.seed)
             self.metrics.append(row)

@@ -1,0 +1,94 @@
+"""The pyro-vae command and the example scripts, run for real on small IDX files."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from pyro_vae.cli import main
+
+from .idx_files import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "mnist", "--hidden", "32", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_dataset(tmp_path / "data", gz=False, n_train=256, n_test=64)
+    return str(tmp_path / "data")
+
+
+def test_train_evaluate_and_sample(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--data-dir", data_dir, "--epochs", "2", "--z-dim", "2", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"run folder: {run}" in out and "test ELBO" in out
+    for figure in ("elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png"):
+        assert matplotlib.image.imread(run / figure).shape[0] > 100
+
+    assert main(["evaluate", str(run), "--num-samples", "50", "--device", "cpu"]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["test_images"] == 64 and result["num_samples"] == 50
+    # the importance-sampled estimate is a tighter bound than the ELBO
+    assert result["test_log_likelihood"] > result["test_elbo"]
+
+    assert main(["sample", str(run), "--num", "16", "--out", str(tmp_path / "s.png")]) == 0
+    assert matplotlib.image.imread(tmp_path / "s.png").shape[0] > 100
+
+
+def test_resume_continues_from_the_checkpoint_with_more_epochs(tmp_path, data_dir):
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--data-dir", data_dir, "--epochs", "1", "--run-dir", run]) == 0
+    assert main(["train", "--resume", "--run-dir", run, "--epochs", "2", "--no-progress", "--data-dir", data_dir]) == 0
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--z-dim", "0"], "z_dim must be at least 1"),
+        (["--lr", "-0.1"], "learning rate must be a positive number"),
+        (["--likelihood", "bernoulli", "--binarize", "none"], "--binarize dynamic"),
+        (["--data-dir", "/nonexistent/folder"], "not found. Looked in"),
+    ],
+)
+def test_bad_settings_give_one_clear_line_and_exit_2(tmp_path, data_dir, capsys, args, message):
+    argv = ["train", *TINY, "--data-dir", data_dir, "--run-dir", str(tmp_path / "run"), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_idx_file_names_the_file(tmp_path, data_dir, capsys):
+    victim = Path(data_dir) / "train-images-idx3-ubyte"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    assert main(["train", *TINY, "--data-dir", data_dir, "--run-dir", str(tmp_path / "run")]) == 2
+    assert "train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_unknown_dataset_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--dataset", "cifar10"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("pyro-vae") or str(Path(sys.executable).parent / "pyro-vae")
+    done = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--likelihood" in done.stdout
+
+
+@pytest.mark.parametrize("script", ["binarized_bernoulli.py", "continuous_likelihoods.py"])
+def test_example_scripts_run(tmp_path, script):
+    # like Pyro's own tests/test_examples.py: every example runs with tiny arguments
+    write_dataset(tmp_path, gz=True, n_train=128, n_test=32)
+    args = [sys.executable, str(REPO / "examples" / script), "--epochs", "1", "--data-dir", str(tmp_path), "--max-train", "128"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "test ELBO" in done.stdout
