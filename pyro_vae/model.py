@@ -148,6 +148,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
         """``q(z|x) = N(z; loc(x), diag(scale(x)^2))`` from the encoder."""
         pyro.module("encoder", self.encoder)
+        self.check_data(x)  # SVI runs the guide first: refuse bad data before anything else
         with self.data_plate(x.shape[0], num_data, subsample_size) as idx:
             x_batch = x if subsample_size is None else x.index_select(0, idx)
             loc, scale = self.encoder(x_batch)

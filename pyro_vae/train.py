@@ -181,7 +181,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.metrics = state["metrics"]
             set_rng_state(state["rng"])
+        self.vae.check_data(next(self.train_batches.epoch(0))[0])  # support, shape, dtype, device: once
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.run_dir.glob(".*.tmp"):  # from a process killed while writing
+            leftover.unlink()
         write_atomic(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     def _resume_state(self) -> dict[str, Any]:
@@ -210,7 +213,10 @@ class Trainer:
         for step, (x, _) in enumerate(bar):
             self.vae.kl_scale = self.kl_scale(epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+            # the data were checked once in __init__; per-step validation would stop at the first
+            # non-finite parameter with a traceback instead of skipping the step below
+            with pyro.validation_enabled(False):
+                loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), float("inf"))
             if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # one host sync a step
