@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
 from .estimators import DataPlateIWELBO
 
 
@@ -35,18 +36,28 @@ class LogLikelihood:
 
 
 @torch.no_grad()
+def importance_log_weights(model, guide, x: torch.Tensor, num_samples: int, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, **kwargs) -> torch.Tensor:
+    """``log w_ik`` of shape ``(num_samples, N)`` in float64 on the CPU, drawn ``chunk_size``
+    particles at a time (memory ``chunk_size x N`` whatever ``num_samples``); ``kwargs`` go to
+    model and guide. ``logsumexp_k log w_ik - log K`` is the IWAE estimate of ``log p(x_i)``."""
+    if num_samples < 1 or chunk_size < 1:
+        raise ConfigError(f"num_samples and chunk_size must be positive, got {num_samples} and {chunk_size}")
+    chunks = []
+    for start in range(0, num_samples, chunk_size):
+        elbo = DataPlateIWELBO(num_particles=min(chunk_size, num_samples - start), max_plate_nesting=max_plate_nesting, vectorize_particles=True, plate_name=plate_name)
+        chunks.append(elbo.log_weights(model, guide, x, **kwargs)[0].double().cpu())
+    return torch.cat(chunks)
+
+
+
+@torch.no_grad()
 def log_marginal_likelihood(model, guide, x: torch.Tensor, num_samples: int = 5000, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, **kwargs) -> LogLikelihood:
     """Importance-sampled ``log p(x_i)`` for each datapoint of the batch ``x``.
 
     The standard error of ``log mean_k w_k`` is ``sd(w) / (sqrt(K) mean(w))`` by the delta method,
     computed on weights rescaled by their maximum (the ratio is scale-free).
     """
-    log_w = []
-    for start in range(0, num_samples, chunk_size):
-        k = min(chunk_size, num_samples - start)
-        elbo = DataPlateIWELBO(num_particles=k, max_plate_nesting=max_plate_nesting, vectorize_particles=True, plate_name=plate_name)
-        log_w.append(elbo.log_weights(model, guide, x, **kwargs)[0].double())
-    log_w = torch.cat(log_w)  # (K, N)
+    log_w = importance_log_weights(model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, **kwargs)
     w = torch.exp(log_w - log_w.max(0).values)
     standard_error = w.std(0) / (math.sqrt(num_samples) * w.mean(0)) if num_samples > 1 else torch.full_like(w[0], float("nan"))
     return LogLikelihood(torch.logsumexp(log_w, 0) - math.log(num_samples), standard_error)
