@@ -1,0 +1,269 @@
+"""Compare ELBO estimators on one model and batch: loss spread, gradient noise, cost and bias.
+
+For every estimator and number of particles ``K`` the loss and its gradient are drawn ``repeats``
+times on the same ``x``. Reported per ``(estimator, K)``:
+
+* ``loss_mean``, ``loss_std``: mean and standard deviation of ``loss = -bound`` summed over the batch
+  (an average of ``K`` i.i.d. terms has ``std ~ 1/sqrt(K)``); ``bound_per_datapoint = -loss_mean / N``
+  and its standard error ``bound_se = loss_std / sqrt(repeats) / N``.
+* ``*_grad_variance``: the per-parameter variance of the gradient across repeats, averaged over
+  the parameters of the encoder (or of the decoder and likelihood together).
+* ``*_grad_snr``: ``|E[g]| / sd[g]`` per parameter, averaged over parameters, the signal-to-noise
+  ratio of Rainforth et al. 2018 ("Tighter variational bounds are not necessarily better"), who
+  show the IWAE bound's encoder SNR falls like ``1/sqrt(K)`` while its decoder SNR grows like ``sqrt(K)``.
+* ``seconds_per_step``: median wall time of one loss and backward pass.
+* ``gap_to_log_px`` (given the exact ``log p(x)``): ``(log p(x) - bound) / N``, which is
+  ``KL(q(z|x) || p(z|x))`` per datapoint for the ELBO, whatever ``K``, and shrinks with ``K`` for the
+  importance-weighted bound (Burda et al. 2015, Theorem 1).
+
+Estimators are the names of :func:`pyro_vae.estimators.make_elbo` and ``"reference"``, the plain
+PyTorch :func:`pyro_vae.reference.reference_elbo`. Randomness comes from torch's global generator:
+seed it (``torch.manual_seed``) before calling; set threads (``torch.set_num_threads``) for timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from matplotlib.figure import Figure
+from torch.distributions import MultivariateNormal
+
+from .errors import ConfigError
+from .estimators import ESTIMATORS, make_elbo
+from .model import VAE
+from .networks import inverse_positive_scale
+from .reference import reference_elbo
+
+COMPARABLE = ESTIMATORS + ("reference",)
+
+# A loss step: computes the loss on x, backpropagates into the VAE's .grad, returns the loss.
+LossStep = Callable[[VAE, torch.Tensor], float]
+
+
+def pyro_step(name: str, num_particles: int) -> LossStep:
+    """One Pyro ELBO's ``loss_and_grads`` (the step SVI takes; it works for RenyiELBO too)."""
+    elbo = make_elbo(name, num_particles, vectorize_particles=True)
+    return lambda vae, x: elbo.loss_and_grads(vae.model, vae.guide, x)
+
+
+def reference_step(num_particles: int) -> LossStep:
+    """Minus :func:`reference_elbo` summed over the batch, backpropagated."""
+
+    def step(vae: VAE, x: torch.Tensor) -> float:
+        loss = -reference_elbo(vae, x, num_particles).sum()
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def loss_step(name: str, num_particles: int) -> LossStep:
+    if name not in COMPARABLE:
+        raise ConfigError(f"unknown estimator {name!r}; choose from {COMPARABLE}")
+    return reference_step(num_particles) if name == "reference" else pyro_step(name, num_particles)
+
+
+def parameter_groups(vae: VAE) -> dict[str, list[torch.nn.Parameter]]:
+    """The encoder's parameters, and the decoder's with the likelihood's (both shape ``p(x|z)``)."""
+    return {
+        "encoder": list(vae.encoder.parameters()),
+        "decoder": [*vae.decoder.parameters(), *vae.likelihood.parameters()],
+    }
+
+
+def flat_grad(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """All gradients as one float64 vector; a parameter the loss does not touch counts as 0."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten() for p in params])
+
+
+def draw(step: LossStep, vae: VAE, x: torch.Tensor, repeats: int):
+    """``repeats`` independent losses (R,), gradients per group (R, P) and step times."""
+    groups = parameter_groups(vae)
+    losses, seconds, grads = [], [], {name: [] for name in groups}
+    for _ in range(repeats):
+        vae.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        losses.append(step(vae, x))
+        seconds.append(time.perf_counter() - start)
+        for name, params in groups.items():
+            grads[name].append(flat_grad(params))
+    vae.zero_grad(set_to_none=True)
+    return torch.tensor(losses, dtype=torch.float64), seconds, {k: torch.stack(v) for k, v in grads.items()}
+
+
+def gradient_stats(grads: torch.Tensor) -> tuple[float, float]:
+    """Mean over parameters of ``Var[g]`` and of ``|E[g]| / sd[g]`` across the rows of ``grads``.
+    Parameters whose gradient is always 0 have an undefined SNR (0/0) and are left out of it."""
+    variance = grads.var(0)
+    snr = grads.mean(0).abs() / variance.sqrt()
+    return variance.mean().item(), torch.nanmean(snr).item()
+
+
+def compare_estimators(
+    vae: VAE,
+    x: torch.Tensor,
+    estimators: Sequence[str] = ("trace", "meanfield", "iwae", "reference"),
+    particles: Sequence[int] = (1, 4, 16, 64),
+    repeats: int = 50,
+    exact_log_px: float | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """One row per ``(estimator, K)`` with the statistics listed in the module docstring.
+
+    ``exact_log_px`` is the exact ``log p(x)`` summed over the batch, when known. ``progress``
+    prints each finished row to stderr.
+    """
+    if repeats < 2:
+        raise ConfigError(f"repeats must be at least 2 to estimate a variance, got {repeats}")
+    steps = [(name, k, loss_step(name, k)) for name in estimators for k in particles]
+    n = x.shape[0]
+    rows = []
+    for name, k, step in steps:
+        losses, seconds, grads = draw(step, vae, x, repeats)
+        row = dict(estimator=name, num_particles=k, repeats=repeats, loss_mean=losses.mean().item(), loss_std=losses.std().item())
+        row["bound_per_datapoint"] = -row["loss_mean"] / n
+        row["bound_se"] = row["loss_std"] / math.sqrt(repeats) / n
+        if exact_log_px is not None:
+            row["gap_to_log_px"] = (exact_log_px + row["loss_mean"]) / n
+        for group, g in grads.items():
+            row[f"{group}_grad_variance"], row[f"{group}_grad_snr"] = gradient_stats(g)
+        row["seconds_per_step"] = statistics.median(seconds)
+        rows.append(row)
+        if progress:
+            print(f"{name} K={k}: loss {row['loss_mean']:.4g} +- {row['loss_std']:.3g}", file=sys.stderr)
+    return rows
+
+
+def linear_gaussian_vae(
+    x_dim: int = 5,
+    z_dim: int = 2,
+    sigma: float = 0.5,
+    num_data: int = 8,
+    guide_loc_factor: float = 0.8,
+    guide_scale_factor: float = 1.5,
+    seed: int = 0,
+) -> tuple[VAE, torch.Tensor, float]:
+    """Probabilistic PCA as a float64 VAE with linear networks, with its exact ``log p(x)``.
+
+    ``z ~ N(0, I)``, ``x | z ~ N(W z + b, sigma^2 I)``, so ``p(x) = N(b, W W^T + sigma^2 I)``. W has
+    orthogonal columns (norms from 2 down to 0.7), so ``M = W^T W + sigma^2 I`` is diagonal and the
+    posterior ``p(z|x) = N(M^-1 W^T (x - b), sigma^2 M^-1)`` is mean-field (Tipping & Bishop 1999).
+    The encoder is that posterior with its mean scaled by ``guide_loc_factor`` and its standard
+    deviation by ``guide_scale_factor`` (1 and 1 make the guide exact). W, b and the ``num_data``
+    datapoints come from a generator seeded with ``seed``; torch's global generator is untouched.
+
+    Returns ``(vae, x, log p(x) summed over x)``.
+    """
+    if z_dim > x_dim:
+        raise ConfigError(f"W needs orthogonal columns, so z_dim ({z_dim}) must not exceed x_dim ({x_dim})")
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(x_dim, z_dim, generator=g, dtype=torch.float64))
+    w = q * torch.linspace(2.0, 0.7, z_dim, dtype=torch.float64)
+    b = torch.randn(x_dim, generator=g, dtype=torch.float64)
+    m_diag = (w**2).sum(0) + sigma**2
+    post_map = w.T / m_diag[:, None]  # M^-1 W^T
+    post_scale = sigma / m_diag.sqrt()
+    vae = VAE(x_dim=x_dim, z_dim=z_dim, likelihood="normal", normal_scale=sigma, hidden=()).double()
+    with torch.no_grad():
+        decoder, encoder = vae.decoder.net[0], vae.encoder.net[0]
+        decoder.weight.copy_(w)
+        decoder.bias.copy_(b)
+        encoder.weight.zero_()
+        encoder.weight[:z_dim] = guide_loc_factor * post_map
+        encoder.bias[:z_dim] = -guide_loc_factor * post_map @ b
+        encoder.bias[z_dim:] = inverse_positive_scale(guide_scale_factor * post_scale)
+    z = torch.randn(num_data, z_dim, generator=g, dtype=torch.float64)
+    x = b + z @ w.T + sigma * torch.randn(num_data, x_dim, generator=g, dtype=torch.float64)
+    marginal = MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(x_dim, dtype=torch.float64))
+    return vae, x, marginal.log_prob(x).sum().item()
+
+
+def _fields(rows: Sequence[dict]) -> list[str]:
+    """Every key of the rows, in order of first appearance."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write the rows of :func:`compare_estimators` as CSV (making parent directories)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_fields(rows))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A fixed-width text table: a header line, then one line per row."""
+    fields = _fields(rows)
+    cells = [fields] + [[_cell(row.get(field, "")) for field in fields] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(fields))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def _series(rows: Sequence[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """``estimator -> (Ks, values of key)`` in row order."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        ks, values = out.setdefault(row["estimator"], ([], []))
+        ks.append(row["num_particles"])
+        values.append(row[key])
+    return out
+
+
+def _k_axis(ax, ks: Sequence[int], title: str, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set(title=title, xlabel="particles K", ylabel=ylabel)
+
+
+def _plot_lines(ax, rows, key, ks, title, ylabel):
+    for name, (ks_, values) in _series(rows, key).items():
+        ax.plot(ks_, values, marker="o", label=name)
+    ax.set_yscale("log")
+    _k_axis(ax, ks, title, ylabel)
+
+
+def plot_comparison(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
+    """PNG panels against K: loss std (log-log, dashed ``1/sqrt(K)`` slope through the largest std
+    at the smallest K), encoder and decoder gradient SNR (log-log), and the gap to ``log p(x)`` with
+    standard-error bars when the rows have it."""
+    with_gap = "gap_to_log_px" in rows[0]
+    ks = sorted({row["num_particles"] for row in rows})
+    fig = Figure(figsize=(4.2 * (3 + with_gap), 3.8), layout="constrained")
+    if title:
+        fig.suptitle(title)
+    axes = fig.subplots(1, 3 + with_gap)
+    _plot_lines(axes[0], rows, "loss_std", ks, "loss spread over repeats", "std of the loss (nats)")
+    anchor = max(row["loss_std"] for row in rows if row["num_particles"] == ks[0])
+    axes[0].plot(ks, [anchor * math.sqrt(ks[0] / k) for k in ks], "k--", lw=1, label=r"$\propto 1/\sqrt{K}$")
+    axes[0].legend(fontsize="small")
+    snr_label = r"mean $|E g| / \mathrm{sd}\, g$"
+    _plot_lines(axes[1], rows, "encoder_grad_snr", ks, "encoder gradient SNR", snr_label)
+    _plot_lines(axes[2], rows, "decoder_grad_snr", ks, "decoder gradient SNR", snr_label)
+    if with_gap:
+        errors = _series(rows, "bound_se")
+        for name, (ks_, gaps) in _series(rows, "gap_to_log_px").items():
+            axes[3].errorbar(ks_, gaps, yerr=errors[name][1], marker="o", capsize=3, label=name)
+        axes[3].axhline(0.0, color="k", lw=0.8)
+        _k_axis(axes[3], ks, r"gap to $\log p(x)$ per datapoint", "nats")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    finally:
+        fig.clear()
+    return path
