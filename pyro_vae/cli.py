@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``pyro-vae`` command: ``train``, ``evaluate``, ``compare`` and ``sample``.
 
 Errors a user can fix (bad data, impossible settings, an existing run folder) print one line
 ``pyro-vae: error: ...`` and exit with status 2, never a traceback.
@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from . import plots
+from . import compare, diagnostics, plots
 from .data import BINARIZATIONS, DATASETS, DeviceBatches, load_dataset
 from .errors import ConfigError, DataError
-from .evaluate import log_marginal_likelihood
+from .estimators import ESTIMATORS
+from .evaluate import importance_log_weights
 from .likelihoods import LIKELIHOODS
 from .model import ARCHITECTURES
 from .networks import ACTIVATIONS
@@ -96,27 +100,62 @@ def test_split(config: TrainConfig, device: torch.device) -> DeviceBatches:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    config, vae, _ = load_run(args.run_dir, args.device)
+    config, vae, metrics = load_run(args.run_dir, args.device)
     if args.data_dir is not None:
         config.data_dir = args.data_dir
     test = test_split(config, vae.prior_loc.device)
-    elbo = mean_elbo(vae, test.eval_batches(), config.seed)
     torch.manual_seed(config.seed)
-    parts = [log_marginal_likelihood(vae.model, vae.guide, x, num_samples=args.num_samples, chunk_size=args.chunk_size) for x, _ in test.eval_batches()]
-    log_px = torch.cat([p.log_px for p in parts])
+    log_w = [importance_log_weights(vae.model, vae.guide, x, args.num_samples, args.chunk_size) for x, _ in tqdm(test.eval_batches(), total=len(test), desc="importance sampling", disable=args.no_progress, leave=False)]
+    log_px = torch.cat([torch.logsumexp(w, 0) - math.log(args.num_samples) for w in log_w])
+    k = np.concatenate([diagnostics.pareto_k(w) for w in log_w])
+    x_all = test.full()
+    terms = diagnostics.elbo_terms(vae, x_all)
+    active, _ = diagnostics.active_units(vae, x_all)
+    n = log_px.numel()
     result = {
-        "test_images": log_px.numel(),
-        "test_elbo": elbo,
+        "test_images": n,
+        "test_elbo": mean_elbo(vae, test.eval_batches(), config.seed),  # the estimator of metrics.jsonl
+        "reconstruction": terms["reconstruction"].mean().item(),
+        "kl": terms["kl"].mean().item(),
         "num_samples": args.num_samples,
         "test_log_likelihood": log_px.mean().item(),
-        "test_log_likelihood_se": (log_px.std() / log_px.numel() ** 0.5).item(),
-        "bits_per_dim": -log_px.mean().item() / (784 * torch.log(torch.tensor(2.0)).item()),
-        "max_per_image_se": torch.cat([p.standard_error for p in parts]).max().item(),
+        "test_log_likelihood_se": (log_px.std() / n**0.5).item(),
+        "bits_per_dim": -log_px.mean().item() / (784 * math.log(2)),
+        "pareto_k": diagnostics.pareto_k_summary(k),
+        "active_units": active,
+        "kl_per_dimension": diagnostics.kl_per_dimension(vae, x_all).tolist(),
     }
-    print(f"test ELBO            {elbo:.2f} nats/image ({result['test_images']} images)")
-    print(f"test log p(x), K={args.num_samples:<5d} {result['test_log_likelihood']:.2f} +- {result['test_log_likelihood_se']:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim)")
-    (Path(args.run_dir) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
+    out = Path(args.run_dir)
+    idata_x = x_all[: args.idata_points]
+    idata = diagnostics.to_inference_data(vae, idata_x, log_weights=log_w[0][:, : args.idata_points] if args.idata_points <= log_w[0].shape[1] else None, training_metrics=metrics)
+    diagnostics.save_inference_data(idata, out / "inference_data.nc")
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    pk = result["pareto_k"]
+    print(f"test ELBO            {result['test_elbo']:.2f} nats/image ({n} images): reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f}")
+    print(f"test log p(x)        {result['test_log_likelihood']:.2f} +- {result['test_log_likelihood_se']:.2f} nats/image, K={args.num_samples} ({result['bits_per_dim']:.4f} bits/dim)")
+    print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
+    print(f"active units         {active} of {vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
+    print(f"written: {out / 'evaluation.json'}, {out / 'inference_data.nc'} (arviz.from_netcdf)")
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    if args.run_dir is None:
+        vae, x, exact = compare.linear_gaussian_vae(seed=args.seed)
+        name, title = "linear_gaussian", f"linear-Gaussian VAE, {len(x)} datapoints, exact log p(x) known"
+    else:
+        config, vae, _ = load_run(args.run_dir, "cpu")
+        x, exact = test_split(config, torch.device("cpu")).full()[: args.num_data], None
+        name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
+    torch.manual_seed(args.seed)
+    rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
+    out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
+    print(title)
+    print(compare.format_table(rows))
+    csv_path = compare.write_csv(rows, out / f"{name}.csv")
+    png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)
+    print(f"written: {csv_path}, {png_path}")
     return 0
 
 
@@ -130,18 +169,31 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, evaluate and sample.")
+    p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, evaluate, compare ELBO estimators and sample.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a VAE with SVI on MNIST-family images", description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.")
     add_train_arguments(t)
     t.set_defaults(run=train_command)
-    e = sub.add_parser("evaluate", help="test ELBO and importance-sampled log p(x) of a saved run")
+    e = sub.add_parser("evaluate", help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units; writes evaluation.json and inference_data.nc")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--num-samples", type=int, default=1000, help="importance samples per image (Burda et al. use 5000; default 1000)")
     e.add_argument("--chunk-size", type=int, default=250, help="particles drawn at a time (memory)")
     e.add_argument("--data-dir", help="where the test data is, if not where training found it")
+    e.add_argument("--idata-points", type=int, default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x)")
+    e.add_argument("--no-progress", action="store_true")
     e.add_argument("--device", default="auto")
     e.set_defaults(run=evaluate_command)
+    c = sub.add_parser("compare", help="compare ELBO estimators: bound, loss spread, gradient variance and SNR, time per step", description="Compare ELBO estimators on a saved run's model and test images, or (without RUN_DIR) on a linear-Gaussian model whose log p(x) is exact.")
+    c.add_argument("run_dir", type=Path, nargs="?", help="a run folder; omit for the linear-Gaussian model")
+    c.add_argument("--estimators", nargs="+", default=["trace", "meanfield", "iwae", "reference"], choices=[*ESTIMATORS, "reference"])
+    c.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16, 64])
+    c.add_argument("--repeats", type=int, default=50, help="independent estimates per estimator and K")
+    c.add_argument("--num-data", type=int, default=32, help="test images used from the run")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for comparable timings")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, help="folder for the CSV and PNG (default RUN_DIR/compare or runs/compare)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(run=compare_command)
     s = sub.add_parser("sample", help="a PNG grid of samples from a saved run")
     s.add_argument("run_dir", type=Path)
     s.add_argument("--num", type=int, default=64, help="number of samples")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import arviz
 import matplotlib.image
 import pytest
 
@@ -31,14 +32,27 @@ def test_train_evaluate_and_sample(tmp_path, data_dir, capsys):
     for figure in ("elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png"):
         assert matplotlib.image.imread(run / figure).shape[0] > 100
 
-    assert main(["evaluate", str(run), "--num-samples", "50", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "50", "--device", "cpu", "--idata-points", "10", "--no-progress"]) == 0
     result = json.loads((run / "evaluation.json").read_text())
     assert result["test_images"] == 64 and result["num_samples"] == 50
-    # the importance-sampled estimate is a tighter bound than the ELBO
+    # the importance-sampled estimate is a tighter bound than the ELBO, and the ELBO the one training logged
     assert result["test_log_likelihood"] > result["test_elbo"]
+    assert result["test_elbo"] == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_elbo"]
+    assert result["pareto_k"]["total"] == 64 and 0 <= result["active_units"] <= 2 and len(result["kl_per_dimension"]) == 2
+    idata = arviz.from_netcdf(run / "inference_data.nc")
+    assert idata.posterior["z"].shape == (1, 100, 10, 2) and "training" in idata.groups()
 
     assert main(["sample", str(run), "--num", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert matplotlib.image.imread(tmp_path / "s.png").shape[0] > 100
+
+
+def test_compare_on_the_linear_gaussian_model_writes_table_csv_and_figure(tmp_path, capsys):
+    assert main(["compare", "--repeats", "4", "--particles", "1", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "gap_to_log_px" in out and "iwae" in out
+    rows = (tmp_path / "linear_gaussian.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 2  # header, 4 estimators x 2 particle counts
+    assert matplotlib.image.imread(tmp_path / "linear_gaussian.png").shape[1] > 500
 
 
 def test_resume_continues_from_the_checkpoint_with_more_epochs(tmp_path, data_dir):
