@@ -17,6 +17,7 @@ log-densities in both model and guide (``poutine.scale``; ``poutine.mask`` at 0)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import pyro
@@ -96,6 +97,8 @@ class VAE(nn.Module):
         (the start of KL annealing) masks the site, which Pyro's ``scale`` does not accept."""
         if self.kl_scale < 0:
             raise ConfigError(f"kl_scale must be non-negative, got {self.kl_scale}")
+        if self.kl_scale == 1:
+            return contextlib.nullcontext()  # the plain ELBO: no handler on the hot path
         return poutine.scale(scale=self.kl_scale) if self.kl_scale > 0 else poutine.mask(mask=False)
 
     def check_data(self, x: torch.Tensor) -> None:

@@ -205,6 +205,21 @@ class Trainer:
             return 1.0
         return min(1.0, (epoch + (step + 1) / len(self.train_batches)) / self.config.kl_anneal_epochs)
 
+    def train_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One SVI step on the batch ``x``: returns ``-ELBO`` (detached), or None when the loss or
+        gradient was not finite and the step was skipped, parameters and Adam state untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        # the data were checked once in __init__; per-step validation would stop at the first
+        # non-finite parameter with a traceback instead of skipping the step
+        with pyro.validation_enabled(False):
+            loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), float("inf"))
+        if not torch.isfinite(loss.detach() + grad_norm):  # NaN or inf in either; one host sync a step
+            return None
+        self.optimizer.step()
+        return loss.detach()
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training split; returns the epoch's training metrics."""
         self.vae.train()
@@ -212,14 +227,8 @@ class Trainer:
         bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
         for step, (x, _) in enumerate(bar):
             self.vae.kl_scale = self.kl_scale(epoch, step)
-            self.optimizer.zero_grad(set_to_none=True)
-            # the data were checked once in __init__; per-step validation would stop at the first
-            # non-finite parameter with a traceback instead of skipping the step below
-            with pyro.validation_enabled(False):
-                loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), float("inf"))
-            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # one host sync a step
+            loss = self.train_step(x)
+            if loss is None:
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
                 if bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
                     raise NumericalError(
@@ -228,8 +237,7 @@ class Trainer:
                     )
                 continue
             bad_in_a_row = 0
-            self.optimizer.step()
-            total += loss.detach()
+            total += loss
             count += x.shape[0]
             if self.progress and step % 50 == 0:
                 bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
