@@ -1,0 +1,66 @@
+"""Vectorized particles against one particle and against a Python loop over particles.
+
+    python benchmarks/particles.py --threads 1
+
+Each candidate is a full training step of ``pyro-vae train`` (``Trainer.train_step``: the
+``TraceMeanField_ELBO`` loss on the default 784-400-20 Bernoulli model, backward, Adam), with K
+particles drawn at once (``vectorize_particles=True``, a plate at dim -2) or in a Python loop.
+Prints per-step medians and ratios to K = 1, measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from pyro_vae import make_elbo
+from pyro_vae.train import TrainConfig, Trainer
+from timing import describe_machine, interleaved, median_ms, median_ratio
+
+
+def step_fn(batch_size: int, particles: int, vectorize: bool, device: str, data_dir: str | None):
+    config = TrainConfig(batch_size=batch_size, num_particles=particles, device=device, data_dir=data_dir, max_train=8192, max_test=128)
+    trainer = Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
+    trainer.elbo = make_elbo("meanfield", particles, vectorize_particles=vectorize)
+    batches = [x for x, _ in trainer.train_batches.epoch(0)]
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(batches)
+        trainer.train_step(batches[state["i"]])
+
+    return trainer.device, step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
+    p.add_argument("--particles", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    k = args.particles
+    device = None
+    rows = []
+    for batch_size in args.batch_sizes:
+        fns = {}
+        for name, particles, vectorize in (("K=1", 1, True), (f"K={k} vectorized", k, True), (f"K={k} loop", k, False)):
+            device, fns[name] = step_fn(batch_size, particles, vectorize, args.device, args.data_dir)
+        t = interleaved(fns, device, rounds=args.rounds, steps=5)
+        rows.append((batch_size, t))
+    print(f"training step with K particles, median of {args.rounds} interleaved rounds; {describe_machine(device)}")
+    print(f"{'batch':>5} | {'K=1 ms':>8} {f'K={k} vec ms':>11} {f'K={k} loop ms':>12} | {'vec/K=1':>8} {'loop/K=1':>8} {'loop/vec':>8}")
+    for batch_size, t in rows:
+        names = list(t)
+        print(f"{batch_size:5d} | {median_ms(t[names[0]]):8.2f} {median_ms(t[names[1]]):11.2f} {median_ms(t[names[2]]):12.2f} | "
+              f"{median_ratio(t, names[1], names[0]):8.2f} {median_ratio(t, names[2], names[0]):8.2f} {median_ratio(t, names[2], names[1]):8.2f}")
+
+
+if __name__ == "__main__":
+    main()

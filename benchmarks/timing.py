@@ -1,0 +1,48 @@
+"""Side-by-side timing: candidates run in interleaved rounds, so drift on a shared machine hits all
+of them alike; we report per-step medians and the median of the per-round ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], device: torch.device, rounds: int = 15, steps: int = 10, warmup: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one entry per round."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of time(name) / time(baseline) within the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def describe_machine(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch thread(s)"
+    import pyro
+
+    return f"{name}; torch {torch.__version__}, pyro {pyro.__version__}"
