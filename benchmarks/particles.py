@@ -17,21 +17,15 @@ import torch
 
 from pyro_vae import make_elbo
 from pyro_vae.train import TrainConfig, Trainer
-from timing import describe_machine, interleaved, median_ms, median_ratio
+from timing import batch_cycler, describe_machine, interleaved, median_ms, median_ratio
 
 
 def step_fn(batch_size: int, particles: int, vectorize: bool, device: str, data_dir: str | None):
     config = TrainConfig(batch_size=batch_size, num_particles=particles, device=device, data_dir=data_dir, max_train=8192, max_test=128)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
     trainer.elbo = make_elbo("meanfield", particles, vectorize_particles=vectorize)
-    batches = [x for x, _ in trainer.train_batches.epoch(0)]
-    state = {"i": 0}
-
-    def step():
-        state["i"] = (state["i"] + 1) % len(batches)
-        trainer.train_step(batches[state["i"]])
-
-    return trainer.device, step
+    next_batch = batch_cycler(trainer)
+    return trainer.device, lambda: trainer.train_step(next_batch())
 
 
 def main(argv=None):

@@ -27,19 +27,13 @@ from pyro.infer import SVI
 
 from pyro_vae import make_elbo, reference_elbo
 from pyro_vae.train import TrainConfig, Trainer
-from timing import describe_machine, interleaved, median_ms, median_ratio
+from timing import batch_cycler, describe_machine, interleaved, median_ms, median_ratio
 
 
 def candidates(batch_size: int, particles: int, device: str, data_dir: str | None):
     config = TrainConfig(batch_size=batch_size, num_particles=particles, device=device, data_dir=data_dir, max_train=4096, max_test=128)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
-    batches = [x for x, _ in trainer.train_batches.epoch(0)]
-    it = {"i": 0}
-
-    def next_batch():
-        it["i"] = (it["i"] + 1) % len(batches)
-        return batches[it["i"]]
-
+    next_batch = batch_cycler(trainer)
     torch_vae = copy.deepcopy(trainer.vae)
     torch_opt = torch.optim.Adam(torch_vae.parameters(), lr=config.lr)
 

@@ -32,6 +32,18 @@ def interleaved(candidates: dict[str, Callable[[], object]], device: torch.devic
     return times
 
 
+def batch_cycler(trainer) -> Callable[[], torch.Tensor]:
+    """A function returning the trainer's first-epoch training batches in turn, forever."""
+    batches = [x for x, _ in trainer.train_batches.epoch(0)]
+    state = {"i": 0}
+
+    def next_batch() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % len(batches)
+        return batches[state["i"]]
+
+    return next_batch
+
+
 def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
     """Median over rounds of time(name) / time(baseline) within the same round."""
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))

@@ -181,8 +181,21 @@ def linear_gaussian_vae(
         encoder.bias[z_dim:] = inverse_positive_scale(guide_scale_factor * post_scale)
     z = torch.randn(num_data, z_dim, generator=g, dtype=torch.float64)
     x = b + z @ w.T + sigma * torch.randn(num_data, x_dim, generator=g, dtype=torch.float64)
-    marginal = MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(x_dim, dtype=torch.float64))
-    return vae, x, marginal.log_prob(x).sum().item()
+    log_px, _ = linear_gaussian_exact(vae, x)
+    return vae, x, log_px.sum().item()
+
+
+@torch.no_grad()
+def linear_gaussian_exact(vae: VAE, x: torch.Tensor) -> tuple[torch.Tensor, MultivariateNormal]:
+    """Exact ``log p(x_i)`` per datapoint and the exact posterior ``p(z | x_i)`` of a linear VAE with a
+    fixed-scale Normal likelihood, from its decoder ``x = W z + b``: ``p(x) = N(b, W W^T + s^2 I)``,
+    ``p(z|x) = N(M^-1 W^T (x - b), s^2 M^-1)`` with ``M = W^T W + s^2 I`` (Tipping & Bishop 1999)."""
+    (linear,) = vae.decoder.net
+    w, b, s2 = linear.weight, linear.bias, vae.likelihood.scale() ** 2
+    eye_x, eye_z = torch.eye(w.shape[0], dtype=w.dtype), torch.eye(w.shape[1], dtype=w.dtype)
+    m_inv = torch.linalg.inv(w.T @ w + s2 * eye_z)
+    posterior = MultivariateNormal((x - b) @ (m_inv @ w.T).T, s2 * m_inv)
+    return MultivariateNormal(b, w @ w.T + s2 * eye_x).log_prob(x), posterior
 
 
 def _fields(rows: Sequence[dict]) -> list[str]:
