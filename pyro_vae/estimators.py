@@ -1,9 +1,10 @@
 """ELBO estimators for SVI, built by name.
 
 * ``"trace"``: :class:`pyro.infer.Trace_ELBO`, Monte Carlo in both terms:
-  ``(1/L) sum_l [log p(x, z_l) - log q(z_l|x)]`` (Kingma & Welling 2013, eq. 6-7).
+  ``(1/L) sum_l [log p(x, z_l) - log q(z_l|x)]`` (Kingma & Welling 2013, eq. 6, estimator A).
 * ``"meanfield"``: :class:`pyro.infer.TraceMeanField_ELBO`, analytic KL:
-  ``(1/L) sum_l log p(x|z_l) - KL(q(z|x) || p(z))`` (Kingma & Welling 2013, eq. 10).
+  ``(1/L) sum_l log p(x|z_l) - KL(q(z|x) || p(z))`` (Kingma & Welling 2013, eq. 7, estimator B;
+  eq. 10 for the Gaussian case).
   Same expectation as ``"trace"``; lower variance while q is far from the posterior, but at
   ``q = p(z|x)`` the full log-weight is constant and only ``"trace"`` reaches zero variance.
 * ``"iwae"``: :class:`DataPlateIWELBO`, the importance-weighted bound *per datapoint*:
@@ -12,7 +13,8 @@
   that are *not* shared by all sites, so for this VAE (every site in ``"data"``) its weights are
   per datapoint too, and equal ``"iwae"`` on a full batch. Under minibatch scaling (``num_data``
   or plate subsampling) it takes ``logsumexp`` of the N/B-scaled log-weights, which tempers the
-  weights and overstates the bound (150 nats on a batch of 5 out of 100 in our test); with a
+  weights and overstates the bound (by 150 nats for a small untrained model, a batch of 5 scaled to
+  100 datapoints; ``test_minibatch_scaling_multiplies_iwae_but_tempers_renyi``); with a
   global latent outside the plate its weights become whole-trace. ``"iwae"`` has neither problem.
 """
 
