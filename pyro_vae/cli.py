@@ -1,7 +1,9 @@
 """The ``pyro-vae`` command: ``train``, ``evaluate``, ``compare`` and ``sample``.
 
 Errors a user can fix (bad data, impossible settings, an existing run folder) print one line
-``pyro-vae: error: ...`` and exit with status 2, never a traceback.
+``pyro-vae: error: ...`` and exit with status 2, never a traceback. ``pyro-vae train`` under
+``torchrun`` trains data-parallel (:mod:`pyro_vae.distributed`); there errors name the rank
+(``pyro-vae: error (rank 1 of 2): ...``) and a lost or failed peer exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import compare, diagnostics, plots
+from . import compare, diagnostics, distributed, plots
+from .distributed import BACKENDS, DEFAULT_TIMEOUT_S, DistributedError
 from .data import BINARIZATIONS, DATASETS, DeviceBatches, load_dataset
 from .errors import ConfigError, DataError
 from .estimators import ESTIMATORS
@@ -65,31 +68,47 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--device", help="auto (GPU if present), cpu or cuda (default auto)")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/<dataset>-<likelihood>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="quiet: no progress bar and no per-epoch lines (the bar is off anyway when the output is not a terminal)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="under torchrun: process group backend (default auto: nccl for GPU tensors, gloo for CPU tensors)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS", help=f"under torchrun: how long a rank waits for the others before failing (default {DEFAULT_TIMEOUT_S:g})")
 
 
 def train_command(args: argparse.Namespace) -> int:
+    dist = distributed.setup(args.backend, args.dist_timeout)  # None unless launched by torchrun
+    try:
+        return _train(args, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, dist: distributed.Distributed | None) -> int:
+    say = print if dist is None or dist.is_main else lambda *a, **k: None
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if args.resume:
-        if args.run_dir is None:
-            raise ConfigError("--resume needs --run-dir, the folder of the run to continue")
-        saved, _, _ = load_run(args.run_dir, device="cpu")
-        config = dataclasses.replace(saved, **given)  # Trainer refuses changes to the run's identity
-    else:
-        config = TrainConfig(**given)
-    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
+    with distributed.all_or_none(dist, "read the run's settings"):
+        if args.resume:
+            if args.run_dir is None:
+                raise ConfigError("--resume needs --run-dir, the folder of the run to continue")
+            saved, _, _ = load_run(args.run_dir, device="cpu")
+            config = dataclasses.replace(saved, **given)  # Trainer refuses changes to the run's identity
+        else:
+            config = TrainConfig(**given)
+        run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist is not None and args.run_dir is None:
+        run_dir = dist.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp
+    trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress, backend=args.backend, dist_timeout=args.dist_timeout)
+    say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
+    if dist is not None:
+        say(f"distributed: {dist.world_size} processes, backend {dist.backend}, global batch {config.batch_size}", flush=True)
     start = time.perf_counter()
     try:
         metrics = trainer.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
+        say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
         return 130
     if metrics:
         last = metrics[-1]
-        print(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, {time.perf_counter() - start:.0f} s this session")
-    print(f"run folder: {run_dir}")
+        say(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, {time.perf_counter() - start:.0f} s this session")
+    say(f"run folder: {run_dir}")
     return 0
 
 
@@ -131,9 +150,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     diagnostics.save_inference_data(idata, out / "inference_data.nc")
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     pk = result["pareto_k"]
-    print(f"test ELBO            {result['test_elbo']:.2f} nats/image ({n} images): reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f}")
+    print(f"test ELBO            {result['test_elbo']:.2f} nats/image ({n} images)")
+    print(f"  one-particle split  reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f} (an independent estimate)")
     print(f"test log p(x)        {result['test_log_likelihood']:.2f} +- {result['test_log_likelihood_se']:.2f} nats/image, K={args.num_samples} ({result['bits_per_dim']:.4f} bits/dim)")
     print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
+    if pk["bad_share"] > 0.1:
+        print(f"warning: k-hat > 0.7 for {100 * pk['bad_share']:.0f}% of the images: the encoder is narrower than the posterior there, so read log p(x) as a lower bound; more --num-samples tightens it")
     print(f"active units         {active} of {vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
     print(f"written: {out / 'evaluation.json'}, {out / 'inference_data.nc'} (arviz.from_netcdf)")
     return 0
@@ -162,7 +184,7 @@ def compare_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     config, vae, _ = load_run(args.run_dir, args.device)
     torch.manual_seed(args.seed)
-    out = args.out or Path(args.run_dir) / "samples.png"
+    out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # not training's samples.png
     plots.plot_image_grid(vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
     print(f"written: {out}")
     return 0
@@ -198,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", type=Path)
     s.add_argument("--num", type=int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples.png)")
+    s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>.png)")
     s.add_argument("--device", default="auto")
     s.set_defaults(run=sample_command)
     return p
@@ -207,12 +229,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    rank = distributed.rank_label()
+    where = f" ({rank})" if rank else ""
     try:
         return args.run(args)
     except (ConfigError, DataError, NumericalError) as e:
         message = str(e).replace("\n", "\n  ")
-        print(f"pyro-vae: error: {message}", file=sys.stderr)
+        print(f"pyro-vae: error{where}: {message}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        message = str(e).replace("\n", "\n  ")
+        print(f"pyro-vae: error{where}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ figures, so a run stopped at any moment can be resumed and has something to show
 Reproducibility: the data order and the binarization draws depend only on ``(seed, epoch)``
 (:class:`~pyro_vae.data.DeviceBatches`), the latent draws on torch's RNG, whose state the
 checkpoint keeps; so on CPU a resumed run repeats an uninterrupted one exactly.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same code trains data-parallel
+(:mod:`pyro_vae.distributed`): each rank takes its rows of every global batch, with the
+binarization and latent draws a single process would make for them, DistributedDataParallel
+sums the gradients, and rank 0 alone evaluates and writes. The objective per step is the
+single-process one on the global batch of ``batch_size``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import plots
+from . import distributed, plots
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .data import DeviceBatches, check_binarization, default_binarization, load_dataset
 from .errors import ConfigError
@@ -155,16 +161,40 @@ def mean_elbo(vae: VAE, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], se
 
 
 class Trainer:
-    """Holds a run's model, optimizer, data and folder; :meth:`run` trains the remaining epochs."""
+    """Holds a run's model, optimizer, data and folder; :meth:`run` trains the remaining epochs.
 
-    def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True):
+    In a process started by ``torchrun`` it joins the job (:func:`pyro_vae.distributed.setup` with
+    ``backend`` and ``dist_timeout`` in seconds) and trains data-parallel; ``run_dir`` must then be
+    the same folder for every rank (a shared file system across nodes).
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, *, backend: str = "auto", dist_timeout: float | None = None):
+        self.dist = distributed.setup(backend, dist_timeout)  # None unless launched by torchrun
+        self.is_main = self.dist is None or self.dist.is_main
+        # every rank sets up; if one cannot (its data, its view of the run folder), all stop together
+        with distributed.all_or_none(self.dist, "start training"):
+            self._setup(config, run_dir, resume, progress)
+        # DDP broadcasts rank 0's parameters (equal already: same seed or checkpoint) and from now on
+        # sums the gradients of the ranks' shards
+        self.loss = None if self.dist is None else self.dist.wrap(distributed.ELBOLoss(self.vae, self.elbo), self.device)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.run_dir.glob(".*.tmp"):  # from a process killed while writing
+                leftover.unlink()
+            write_atomic(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def _setup(self, config: TrainConfig, run_dir: str | Path, resume: bool, progress: bool) -> None:
         config.validate()
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress and self.is_main
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         state = self._resume_state() if resume else None
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise ConfigError(f"run folder {self.run_dir} already exists and is not empty; pass --resume to continue it or choose another --run-name")
-        self.device = resolve_device(config.device)
+        if not resume and not self._fresh_folder(config):
+            raise ConfigError(f"run folder {self.run_dir} already exists and is not empty; pass --resume to continue it or choose another --run-dir")
+        if self.dist is None:
+            self.device = resolve_device(config.device)
+        else:
+            self.device = self.dist.device(config.device)
+            self.dist.check_device(self.device)
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download)
         split = {"binarization": config.binarize, "seed": config.seed, "flatten": config.architecture == "mlp", "device": self.device}
         ds = self.dataset
@@ -181,13 +211,29 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.metrics = state["metrics"]
             set_rng_state(state["rng"])
+            if self.dist is not None and self.device.type == "cuda":
+                # every rank continues the stream of the device rank 0 saved
+                torch.cuda.set_rng_state(state["rng"].get("device", state["rng"]["cuda"][0]), self.device)
         self.vae.check_data(next(self.train_batches.epoch(0))[0])  # support, shape, dtype, device: once
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.run_dir.glob(".*.tmp"):  # from a process killed while writing
-            leftover.unlink()
-        write_atomic(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def _fresh_folder(self, config: TrainConfig) -> bool:
+        """Empty or absent, or holding only this very config: a run stopped before its first
+        checkpoint, with nothing to lose by starting it again."""
+        if not self.run_dir.exists():
+            return True
+        contents = [p for p in self.run_dir.iterdir() if not p.name.endswith(".tmp")]
+        if not contents:
+            return True
+        if [p.name for p in contents] != ["config.json"]:
+            return False
+        try:
+            return json.loads(contents[0].read_text()) == config.to_dict()
+        except ValueError:
+            return False
 
     def _resume_state(self) -> dict[str, Any]:
+        if not self.checkpoint_path.exists() and (self.run_dir / "config.json").exists():
+            raise ConfigError(f"{self.run_dir} has no checkpoint yet: the run stopped before its first epoch ended; start it again without --resume")
         state = load_checkpoint(self.checkpoint_path, map_location="cpu")
         saved = TrainConfig.from_dict(state["config"]).identity()
         changed = {k: (saved[k], v) for k, v in self.config.identity().items() if saved.get(k) != v}
@@ -209,22 +255,35 @@ class Trainer:
         """One SVI step on the batch ``x``: returns ``-ELBO`` (detached), or None when the loss or
         gradient was not finite and the step was skipped, parameters and Adam state untouched."""
         self.optimizer.zero_grad(set_to_none=True)
-        # the data were checked once in __init__; per-step validation would stop at the first
-        # non-finite parameter with a traceback instead of skipping the step
-        with pyro.validation_enabled(False):
-            loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
-        loss.backward()
+        if self.dist is not None:
+            loss = self._distributed_loss_and_grads(x)
+        else:
+            # the data were checked once in __init__; per-step validation would stop at the first
+            # non-finite parameter with a traceback instead of skipping the step
+            with pyro.validation_enabled(False):
+                loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), float("inf"))
         if not torch.isfinite(loss.detach() + grad_norm):  # NaN or inf in either; one host sync a step
             return None
         self.optimizer.step()
         return loss.detach()
 
+    def _distributed_loss_and_grads(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the global batch ``x`` through DDP; returns the global batch's
+        ``-ELBO``, the same on every rank, so that all take the same skip-or-step decision.
+        The gradients, summed over the ranks by DDP, are those of the global batch's sum."""
+        start, stop, weight = self.dist.shard(x.shape[0])
+        with pyro.validation_enabled(False):
+            loss = self.loss(x[start:stop], start, stop, x.shape[0])
+        self.dist.backward(loss * weight)
+        return self.dist.all_reduce_sum(loss.detach() * weight)
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training split; returns the epoch's training metrics."""
         self.vae.train()
         total, count, skipped, bad_in_a_row = torch.zeros((), device=self.device), 0, 0, 0
-        bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
+        bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True, leave=False)  # None: no bar off a terminal
         for step, (x, _) in enumerate(bar):
             self.vae.kl_scale = self.kl_scale(epoch, step)
             loss = self.train_step(x)
@@ -245,9 +304,21 @@ class Trainer:
 
     def run(self) -> list[dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done (a resumed run starts after its last)."""
+        if self.dist is None:
+            return self._run()
+        try:
+            return self._run()
+        except distributed.DistributedError as e:
+            if not self.checkpoint_path.exists():
+                raise
+            raise distributed.DistributedError(f"{e} The last complete checkpoint is {self.checkpoint_path}; continue the run with --resume.") from e
+
+    def _run(self) -> list[dict[str, Any]]:
         for epoch in range(self.epochs_done, self.config.epochs):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            row["test_elbo"] = mean_elbo(self.vae.eval(), self.test_batches.eval_batches(), self.config.seed)
+            row["test_elbo"] = self.test_elbo()
+            if self.dist is not None:
+                self.dist.check_replicas(self.vae)
             self.metrics.append(row)
             self.save()
             self.draw_figures()
@@ -255,7 +326,18 @@ class Trainer:
                 print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image", flush=True)
         return self.metrics
 
+    def test_elbo(self) -> float:
+        """:func:`mean_elbo` of the test split; distributed, rank 0 computes it for everyone."""
+        if self.dist is None:
+            return mean_elbo(self.vae.eval(), self.test_batches.eval_batches(), self.config.seed)
+        self.vae.eval()
+        value = mean_elbo(self.vae, self.test_batches.eval_batches(), self.config.seed) if self.is_main else math.nan
+        return self.dist.broadcast_float(value, self.device, "share the test ELBO")
+
     def save(self) -> None:
+        """Write the checkpoint and metrics (rank 0 only in a distributed run)."""
+        if not self.is_main:
+            return
         state = {
             "config": self.config.to_dict(),
             "model": self.vae.state_dict(),
@@ -263,11 +345,15 @@ class Trainer:
             "rng": rng_state(),
             "metrics": self.metrics,
         }
+        if self.dist is not None and self.device.type == "cuda":
+            state["rng"]["device"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(state, self.checkpoint_path)
         write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.metrics))
 
     @torch.no_grad()
     def draw_figures(self) -> None:
+        if not self.is_main:
+            return
         draw_run_figures(self.vae, self.test_batches, self.metrics, self.run_dir, self.config.dataset, self.config.seed)
 
 
@@ -289,9 +375,15 @@ def draw_run_figures(vae: VAE, test_batches: DeviceBatches, metrics: list[dict[s
         plots.plot_latent_scatter(codes, test_batches.labels.cpu(), run_dir / "latent_scatter.png", class_names=names)
 
 
-def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Train (or resume) a run in ``run_dir``; returns the per-epoch metrics."""
-    return Trainer(config, run_dir, resume=resume, progress=progress).run()
+def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, *, backend: str = "auto", dist_timeout: float | None = None) -> list[dict[str, Any]]:
+    """Train (or resume) a run in ``run_dir``; returns the per-epoch metrics.
+
+    Under ``torchrun`` every rank calls this with the same arguments: it joins the job, trains
+    data-parallel and leaves the process group at the end (see :class:`Trainer`)."""
+    try:
+        return Trainer(config, run_dir, resume=resume, progress=progress, backend=backend, dist_timeout=dist_timeout).run()
+    finally:
+        distributed.shutdown()
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[TrainConfig, VAE, list[dict[str, Any]]]:
