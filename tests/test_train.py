@@ -108,3 +108,18 @@ def test_impossible_settings_are_refused_before_anything_is_written(tmp_path, se
     with pytest.raises(ValueError, match=match):
         Trainer(TrainConfig(**settings), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(tmp_path, data_dir):
+    config = TrainConfig(epochs=1, data_dir=data_dir, **SMALL)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_dict()))  # all such a run leaves behind
+    with pytest.raises(ConfigError, match="no checkpoint yet.*without --resume"):
+        Trainer(config, run, resume=True, progress=False)
+    assert len(train(config, run, progress=False)) == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config.to_dict(), "z_dim": 3}))  # a different run's
+    with pytest.raises(ConfigError, match="already exists"):
+        Trainer(config, other, progress=False)
