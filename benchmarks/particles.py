@@ -10,42 +10,31 @@ Prints per-step medians and ratios to K = 1, measured side by side.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-
-import torch
 
 from pyro_vae import make_elbo
-from pyro_vae.train import TrainConfig, Trainer
-from timing import batch_cycler, describe_machine, interleaved, median_ms, median_ratio
+from timing import batch_cycler, bench_trainer, benchmark_parser, describe_machine, interleaved, median_ms, median_ratio, start
 
 
-def step_fn(batch_size: int, particles: int, vectorize: bool, device: str, data_dir: str | None):
-    config = TrainConfig(batch_size=batch_size, num_particles=particles, device=device, data_dir=data_dir, max_train=8192, max_test=128)
-    trainer = Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
+def step_fn(args, batch_size: int, particles: int, vectorize: bool):
+    trainer = bench_trainer(args, batch_size, particles, max_train=8192)
     trainer.elbo = make_elbo("meanfield", particles, vectorize_particles=vectorize)
     next_batch = batch_cycler(trainer)
     return trainer.device, lambda: trainer.train_step(next_batch())
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
+    p = benchmark_parser(__doc__, rounds=9)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
     p.add_argument("--particles", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    start(args)
     k = args.particles
     device = None
     rows = []
     for batch_size in args.batch_sizes:
         fns = {}
         for name, particles, vectorize in (("K=1", 1, True), (f"K={k} vectorized", k, True), (f"K={k} loop", k, False)):
-            device, fns[name] = step_fn(batch_size, particles, vectorize, args.device, args.data_dir)
+            device, fns[name] = step_fn(args, batch_size, particles, vectorize)
         t = interleaved(fns, device, rounds=args.rounds, steps=5)
         rows.append((batch_size, t))
     print(f"training step with K particles, median of {args.rounds} interleaved rounds; {describe_machine(device)}")

@@ -17,22 +17,19 @@ Prints per-step medians and the ratios to the baseline, measured side by side.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import tempfile
 
 import pyro
 import torch
 from pyro.infer import SVI
 
 from pyro_vae import make_elbo, reference_elbo
-from pyro_vae.train import TrainConfig, Trainer
-from timing import batch_cycler, describe_machine, interleaved, median_ms, median_ratio
+from timing import batch_cycler, bench_trainer, benchmark_parser, describe_machine, interleaved, median_ms, median_ratio, start
 
 
-def candidates(batch_size: int, particles: int, device: str, data_dir: str | None):
-    config = TrainConfig(batch_size=batch_size, num_particles=particles, device=device, data_dir=data_dir, max_train=4096, max_test=128)
-    trainer = Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
+def candidates(args, batch_size: int, particles: int):
+    trainer = bench_trainer(args, batch_size, particles, max_train=4096)
+    config = trainer.config
     next_batch = batch_cycler(trainer)
     torch_vae = copy.deepcopy(trainer.vae)
     torch_opt = torch.optim.Adam(torch_vae.parameters(), lr=config.lr)
@@ -55,24 +52,20 @@ def candidates(batch_size: int, particles: int, device: str, data_dir: str | Non
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed: oversubscription swings timings)")
+    p = benchmark_parser(__doc__, rounds=15)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--particles", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(f"step time, median of {args.rounds} interleaved rounds; {describe_machine(torch.device('cpu') if args.device == 'cpu' else torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
-    print(f"{'batch':>5} {'K':>3} | {'torch ms':>9} {'pyro-vae ms':>11} {'SVI ms':>8} | {'pyro-vae/torch':>14} {'SVI/torch':>9}")
-    for batch_size in args.batch_sizes:
-        for particles in args.particles:
-            device, fns = candidates(batch_size, particles, args.device, args.data_dir)
-            t = interleaved(fns, device, rounds=args.rounds)
-            print(f"{batch_size:5d} {particles:3d} | {median_ms(t['torch']):9.2f} {median_ms(t['pyro-vae']):11.2f} {median_ms(t['pyro SVI']):8.2f} | "
-                  f"{median_ratio(t, 'pyro-vae', 'torch'):14.3f} {median_ratio(t, 'pyro SVI', 'torch'):9.3f}", flush=True)
+    start(args)
+    header = f"{'batch':>5} {'K':>3} | {'torch ms':>9} {'pyro-vae ms':>11} {'SVI ms':>8} | {'pyro-vae/torch':>14} {'SVI/torch':>9}"
+    for i, (batch_size, particles) in enumerate((b, k) for b in args.batch_sizes for k in args.particles):
+        device, fns = candidates(args, batch_size, particles)
+        if i == 0:
+            print(f"step time, median of {args.rounds} interleaved rounds; {describe_machine(device)}")
+            print(header)
+        t = interleaved(fns, device, rounds=args.rounds)
+        print(f"{batch_size:5d} {particles:3d} | {median_ms(t['torch']):9.2f} {median_ms(t['pyro-vae']):11.2f} {median_ms(t['pyro SVI']):8.2f} | "
+              f"{median_ratio(t, 'pyro-vae', 'torch'):14.3f} {median_ratio(t, 'pyro SVI', 'torch'):9.3f}", flush=True)
 
 
 if __name__ == "__main__":

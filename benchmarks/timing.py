@@ -3,11 +3,36 @@ of them alike; we report per-step medians and the median of the per-round ratios
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import tempfile
 import time
 from typing import Callable
 
 import torch
+
+from pyro_vae.train import TrainConfig, Trainer
+
+
+def benchmark_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every speed benchmark takes: threads, rounds, device, data folder."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed: oversubscription swings timings)")
+    p.add_argument("--rounds", type=int, default=rounds, help="interleaved timing rounds")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    return p
+
+
+def start(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def bench_trainer(args: argparse.Namespace, batch_size: int, particles: int, max_train: int) -> Trainer:
+    """A ``pyro-vae train`` Trainer on Fashion-MNIST in a throwaway run folder."""
+    config = TrainConfig(batch_size=batch_size, num_particles=particles, device=args.device, data_dir=args.data_dir, max_train=max_train, max_test=128)
+    return Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
 
 
 def sync(device: torch.device) -> None:

@@ -25,7 +25,6 @@ import pyro.distributions as dist
 import torch
 
 from .errors import ConfigError, DataError
-from .evaluate import importance_log_weights
 from .reference import gaussian_kl
 
 # Pareto k-hat thresholds of Vehtari et al.: above K_OK the importance-sampled estimate is unreliable.

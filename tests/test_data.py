@@ -9,7 +9,6 @@ import torch
 from pyro_vae import data
 from pyro_vae.data import (
     BINARIZATIONS,
-    IDX_STEMS,
     SYSTEM_DATA_DIRS,
     DeviceBatches,
     check_binarization,

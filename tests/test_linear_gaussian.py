@@ -7,7 +7,6 @@ p(z|x) = N(M^-1 W^T (x - b), sigma^2 M^-1) is mean-field: a linear encoder can r
 
 import math
 
-import pyro
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence

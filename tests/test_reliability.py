@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyro
 import pytest
@@ -19,7 +18,7 @@ from pyro.infer import SVI
 from pyro_vae import VAE, ConfigError, DataError, make_elbo
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.cli import main
-from pyro_vae.train import NumericalError, TrainConfig, Trainer, train
+from pyro_vae.train import NumericalError, TrainConfig, Trainer
 
 from .idx_files import write_dataset
 
