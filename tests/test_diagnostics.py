@@ -16,7 +16,6 @@ from pyro_vae import VAE, reference_elbo
 from pyro_vae.diagnostics import (
     active_units,
     elbo_terms,
-    importance_log_weights,
     kl_per_dimension,
     pareto_k,
     pareto_k_summary,
@@ -24,7 +23,7 @@ from pyro_vae.diagnostics import (
     to_inference_data,
 )
 from pyro_vae.errors import DataError
-from pyro_vae.evaluate import log_marginal_likelihood
+from pyro_vae.evaluate import importance_log_weights, log_marginal_likelihood
 
 from .conftest import binary_batch
 from .test_linear_gaussian import ppca
