@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from pyro_vae.evaluate import log_marginal_likelihood
+from pyro_vae.evaluate import LogLikelihood, log_marginal_likelihood
 from pyro_vae.train import TrainConfig, Trainer, mean_elbo
 
 MODELS = {
@@ -38,11 +37,11 @@ MODELS = {
 def evaluate(trainer: Trainer, num_samples: int, chunk_size: int) -> dict:
     vae, test = trainer.vae.eval(), trainer.test_batches
     torch.manual_seed(trainer.config.seed)
-    log_px = torch.cat([log_marginal_likelihood(vae.model, vae.guide, x, num_samples, chunk_size).log_px for x, _ in test.eval_batches()])
+    log_px = LogLikelihood.cat([log_marginal_likelihood(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in test.eval_batches()])
     return {
         "test_elbo": mean_elbo(vae, test.eval_batches(), trainer.config.seed),
-        "test_log_likelihood": log_px.mean().item(),
-        "test_log_likelihood_se": (log_px.std() / math.sqrt(log_px.numel())).item(),
+        "test_log_likelihood": log_px.mean(),
+        "test_log_likelihood_se": log_px.mean_standard_error(),
     }
 
 

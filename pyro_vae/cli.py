@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from .distributed import BACKENDS, DEFAULT_TIMEOUT_S, DistributedError
 from .data import BINARIZATIONS, DATASETS, DeviceBatches, load_dataset
 from .errors import ConfigError, DataError
 from .estimators import ESTIMATORS
-from .evaluate import importance_log_weights
+from .evaluate import LogLikelihood, importance_log_weights
 from .likelihoods import LIKELIHOODS
 from .model import ARCHITECTURES
 from .networks import ACTIVATIONS
@@ -125,21 +124,21 @@ def evaluate_command(args: argparse.Namespace) -> int:
     test = test_split(config, vae.prior_loc.device)
     torch.manual_seed(config.seed)
     log_w = [importance_log_weights(vae.model, vae.guide, x, args.num_samples, args.chunk_size) for x, _ in tqdm(test.eval_batches(), total=len(test), desc="importance sampling", disable=args.no_progress, leave=False)]
-    log_px = torch.cat([torch.logsumexp(w, 0) - math.log(args.num_samples) for w in log_w])
+    log_px = LogLikelihood.cat([LogLikelihood.from_log_weights(w) for w in log_w])
     k = np.concatenate([diagnostics.pareto_k(w) for w in log_w])
     x_all = test.full()
     terms = diagnostics.elbo_terms(vae, x_all)
     active, _ = diagnostics.active_units(vae, x_all)
-    n = log_px.numel()
+    n = log_px.log_px.numel()
     result = {
         "test_images": n,
         "test_elbo": mean_elbo(vae, test.eval_batches(), config.seed),  # the estimator of metrics.jsonl
         "reconstruction": terms["reconstruction"].mean().item(),
         "kl": terms["kl"].mean().item(),
         "num_samples": args.num_samples,
-        "test_log_likelihood": log_px.mean().item(),
-        "test_log_likelihood_se": (log_px.std() / n**0.5).item(),
-        "bits_per_dim": -log_px.mean().item() / (784 * math.log(2)),
+        "test_log_likelihood": log_px.mean(),
+        "test_log_likelihood_se": log_px.mean_standard_error(),
+        "bits_per_dim": log_px.bits_per_dim(784),
         "pareto_k": diagnostics.pareto_k_summary(k),
         "active_units": active,
         "kl_per_dimension": diagnostics.kl_per_dimension(vae, x_all).tolist(),

@@ -14,7 +14,6 @@ so seed with ``torch.manual_seed`` for repeatable numbers.
 
 from __future__ import annotations
 
-import math
 from os import PathLike
 from typing import Any, Sequence
 
@@ -25,6 +24,7 @@ import pyro.distributions as dist
 import torch
 
 from .errors import ConfigError, DataError
+from .evaluate import LogLikelihood
 from .reference import gaussian_kl
 
 # Pareto k-hat thresholds of Vehtari et al.: above K_OK the importance-sampled estimate is unreliable.
@@ -115,7 +115,7 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
     log_weights = torch.as_tensor(log_weights, dtype=torch.float64).cpu()
     if log_weights.dim() != 2 or log_weights.shape[1] != n:
         raise DataError(f"log_weights must have shape (num_samples, {n}) for a batch of {n} datapoints, got {tuple(log_weights.shape)}")
-    log_px = torch.logsumexp(log_weights, 0) - math.log(log_weights.shape[0])
+    log_px = LogLikelihood.from_log_weights(log_weights).log_px
     group = _group({"pareto_k": pareto_k(log_weights), "log_px": log_px.numpy()}, ["datapoint"], {"datapoint": np.arange(n)}, sampled=False)
     group.attrs["num_samples"] = log_weights.shape[0]
     return group

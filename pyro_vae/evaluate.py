@@ -34,6 +34,21 @@ class LogLikelihood:
     def bits_per_dim(self, dims: int) -> float:
         return -self.mean() / (dims * math.log(2))
 
+    @classmethod
+    def from_log_weights(cls, log_w: torch.Tensor) -> "LogLikelihood":
+        """``log p(x_i) ~= logsumexp_k log w_ik - log K`` from weights of shape ``(K, N)``. The standard
+        error of ``log mean_k w_k`` is ``sd(w) / (sqrt(K) mean(w))`` by the delta method, computed on
+        weights rescaled by their maximum (the ratio is scale-free)."""
+        k = log_w.shape[0]
+        w = torch.exp(log_w - log_w.max(0).values)
+        standard_error = w.std(0) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(w[0], float("nan"))
+        return cls(torch.logsumexp(log_w, 0) - math.log(k), standard_error)
+
+    @classmethod
+    def cat(cls, parts: "list[LogLikelihood]") -> "LogLikelihood":
+        """The estimates of several batches as one."""
+        return cls(torch.cat([p.log_px for p in parts]), torch.cat([p.standard_error for p in parts]))
+
 
 @torch.no_grad()
 def importance_log_weights(model, guide, x: torch.Tensor, num_samples: int, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, **kwargs) -> torch.Tensor:
@@ -52,12 +67,6 @@ def importance_log_weights(model, guide, x: torch.Tensor, num_samples: int, chun
 
 @torch.no_grad()
 def log_marginal_likelihood(model, guide, x: torch.Tensor, num_samples: int = 5000, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, **kwargs) -> LogLikelihood:
-    """Importance-sampled ``log p(x_i)`` for each datapoint of the batch ``x``.
-
-    The standard error of ``log mean_k w_k`` is ``sd(w) / (sqrt(K) mean(w))`` by the delta method,
-    computed on weights rescaled by their maximum (the ratio is scale-free).
-    """
-    log_w = importance_log_weights(model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, **kwargs)
-    w = torch.exp(log_w - log_w.max(0).values)
-    standard_error = w.std(0) / (math.sqrt(num_samples) * w.mean(0)) if num_samples > 1 else torch.full_like(w[0], float("nan"))
-    return LogLikelihood(torch.logsumexp(log_w, 0) - math.log(num_samples), standard_error)
+    """Importance-sampled ``log p(x_i)`` for each datapoint of the batch ``x``, with standard errors
+    (:meth:`LogLikelihood.from_log_weights`)."""
+    return LogLikelihood.from_log_weights(importance_log_weights(model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, **kwargs))
