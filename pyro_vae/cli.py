@@ -28,7 +28,7 @@ from .evaluate import LogLikelihood, importance_log_weights
 from .likelihoods import LIKELIHOODS
 from .model import ARCHITECTURES
 from .networks import ACTIVATIONS
-from .train import TRAIN_ESTIMATORS, NumericalError, TrainConfig, Trainer, load_run, mean_elbo
+from .train import TRAIN_ESTIMATORS, NumericalError, TrainConfig, Trainer, load_run, mean_elbo, split_batches
 
 DEFAULTS = TrainConfig()
 
@@ -113,8 +113,7 @@ def _train(args: argparse.Namespace, dist: distributed.Distributed | None) -> in
 
 def test_split(config: TrainConfig, device: torch.device) -> DeviceBatches:
     data = load_dataset(config.dataset, config.data_dir, config.download)
-    n = config.max_test
-    return DeviceBatches(data.test_images[:n], data.test_labels[:n], config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=False, flatten=config.architecture == "mlp", device=device)
+    return split_batches(config, data.test_images[: config.max_test], data.test_labels[: config.max_test], False, device)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

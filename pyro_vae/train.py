@@ -18,6 +18,7 @@ single-process one on the global batch of ``batch_size``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -146,14 +147,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Draw from ``seed`` and leave the training RNG stream (CPU and ``device``) as it was, so that
+    evaluation and figures never change what training draws next (exact resumes need that)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def split_batches(config: TrainConfig, images: torch.Tensor, labels: torch.Tensor, shuffle: bool, device: torch.device) -> DeviceBatches:
+    """A split of the data as the run sees it: its batch size, binarization, seed and image layout."""
+    return DeviceBatches(images, labels, config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=shuffle, flatten=config.architecture == "mlp", device=device)
+
+
 @torch.no_grad()
 def mean_elbo(vae: VAE, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int) -> float:
     """Test ELBO in nats per image: analytic KL, one particle, a fixed seed and the training
     RNG left untouched, so the number is comparable across epochs and exact across resumes."""
     elbo = make_elbo("meanfield", 1)
     total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.random.fork_rng(devices=[vae.prior_loc.device] if vae.prior_loc.is_cuda else []):
-        torch.manual_seed(seed)
+    with seeded(vae.prior_loc.device, seed):
         for x, _ in batches:
             total += elbo.differentiable_loss(vae.model, vae.guide, x).double().cpu()
             count += x.shape[0]
@@ -196,10 +210,9 @@ class Trainer:
             self.device = self.dist.device(config.device)
             self.dist.check_device(self.device)
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download)
-        split = {"binarization": config.binarize, "seed": config.seed, "flatten": config.architecture == "mlp", "device": self.device}
         ds = self.dataset
-        self.train_batches = DeviceBatches(ds.train_images[: config.max_train], ds.train_labels[: config.max_train], config.batch_size, shuffle=True, **split)
-        self.test_batches = DeviceBatches(ds.test_images[: config.max_test], ds.test_labels[: config.max_test], config.batch_size, shuffle=False, **split)
+        self.train_batches = split_batches(config, ds.train_images[: config.max_train], ds.train_labels[: config.max_train], True, self.device)
+        self.test_batches = split_batches(config, ds.test_images[: config.max_test], ds.test_labels[: config.max_test], False, self.device)
         torch.manual_seed(config.seed)
         pyro.clear_param_store()  # pyro.module would otherwise hand SVI users stale store entries
         self.vae = build_vae(config).to(self.device)
@@ -364,8 +377,7 @@ def draw_run_figures(vae: VAE, test_batches: DeviceBatches, metrics: list[dict[s
     plots.plot_elbo_curves(metrics, run_dir / "elbo.png")
     x, labels = next(test_batches.eval_batches())
     plots.plot_reconstructions(x[:32].cpu(), vae.reconstruct(x[:32]).cpu(), run_dir / "reconstructions.png")
-    with torch.random.fork_rng(devices=[vae.prior_loc.device] if vae.prior_loc.is_cuda else []):
-        torch.manual_seed(seed)
+    with seeded(vae.prior_loc.device, seed):
         plots.plot_image_grid(vae.generate(64).cpu(), run_dir / "samples.png", title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
     if vae.z_dim == 2:
         decode = lambda z: vae.likelihood(vae.decoder(z.to(vae.prior_loc))).mean.reshape(z.shape[0], -1).cpu()
