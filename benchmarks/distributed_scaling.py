@@ -37,7 +37,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from pyro_vae import distributed
-    from pyro_vae.train import TrainConfig, Trainer
+    from pyro_vae import TrainConfig
+from pyro_vae.train import Trainer
 
     config = TrainConfig(batch_size=args.batch_size, max_train=args.batch_size * (args.warmup + args.steps * args.windows), max_test=args.batch_size, device=args.device, data_dir=args.data_dir)
     trainer = Trainer(config, args.run_dir, progress=False)

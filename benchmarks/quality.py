@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from pyro_vae.evaluate import LogLikelihood, log_marginal_likelihood
-from pyro_vae.train import TrainConfig, Trainer, mean_elbo
+from pyro_vae import TrainConfig
+from pyro_vae.evaluate import mean_elbo
+from pyro_vae.train import Trainer
 
 MODELS = {
     "tutorial 784-400-50 softplus, meanfield K=1": dict(hidden=(400,), z_dim=50, activation="softplus"),

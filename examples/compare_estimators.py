@@ -17,7 +17,8 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_vae import VAE, make_elbo
-from pyro_vae.compare import compare_estimators, format_table, linear_gaussian_vae, plot_comparison, write_csv
+from pyro_vae.compare import compare_estimators, format_table, plot_comparison, write_csv
+from pyro_vae.linear_gaussian import linear_gaussian_vae
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.errors import DataError
 

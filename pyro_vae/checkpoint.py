@@ -1,7 +1,7 @@
 """Checkpoints that are written atomically and loaded without unpickling code.
 
-``save_checkpoint`` writes to a temporary file in the same folder, flushes it to disk and renames
-it over the old one (``os.replace`` is atomic on POSIX), so a process killed at any moment leaves
+Every file pyro-vae writes goes through :func:`replace_atomically`: a temporary file in the same
+folder, flushed to disk and renamed over the old one (``os.replace`` is atomic on POSIX), so a process killed at any moment leaves
 either the previous or the new complete checkpoint. ``load_checkpoint`` uses
 ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only; a pickle that
 names any other callable is refused before it can run.
@@ -13,44 +13,54 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import torch
 
 from .errors import ConfigError
 
 
-def _replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Let ``write(tmp)`` write a temporary file in ``path``'s folder, fsync it and rename it over
+    ``path`` (a symlink at ``path`` is replaced, never followed). On any failure the temporary file
+    is removed and ``path`` is untouched; a failed write to disk (full, read-only) becomes a
+    :class:`ConfigError` saying so."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose a folder you can write to") from e
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the user's usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        os.close(fd)
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}; the previous file is intact. Free disk space or choose a writable folder") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace the text file ``path`` atomically."""
-    _replace_atomically(Path(path), lambda f: f.write(text.encode()))
+    replace_atomically(path, lambda tmp: tmp.write_bytes(text.encode()))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically."""
-    _replace_atomically(Path(path), lambda f: torch.save(state, f))
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -62,5 +72,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConfigError(f"{path} is not a safe pyro-vae checkpoint (it holds more than tensors and plain data); refusing to load it: {e}") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ConfigError(f"{path} is not a readable checkpoint ({e})") from e
+    except Exception as e:  # torch.load fails in many ways on a damaged file; none is the user's bug
+        raise ConfigError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the run folder is damaged: train again") from e

@@ -1,15 +1,19 @@
 """Image datasets (MNIST, Fashion-MNIST, KMNIST), binarization and device-resident minibatches.
 
-Loading looks, in order, in a torchvision folder layout, in plain IDX files, in the
-directories Debian's dataset packages install, and finally downloads with torchvision
-when asked. Minibatching keeps one split on the training device as uint8 and converts
-per batch; every random choice is seeded from ``(seed, epoch)`` so a resumed run sees
-the same batches as an uninterrupted one.
+Every local file is read by one function, :func:`read_idx` (plain or gzipped IDX), which checks
+the header's sizes while streaming, before allocating. torchvision is used to *download* (into its
+``<Class>/raw`` layout, which is then read by :func:`read_idx` like any other folder). An explicit
+``data_dir`` is the only place looked in: a wrong one is refused, never silently replaced by
+another copy of the data. Each :class:`ImageDataset` carries a content fingerprint, so a run can
+tell whether it is given the data it was trained on. Minibatching keeps one split on the
+training device as uint8 and converts per batch; every random choice is seeded from
+``(seed, epoch)`` so a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -19,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
-from pyro_vae.errors import ConfigError, DataError
-
-IMAGE_SHAPE = (28, 28)
+from .errors import ConfigError, DataError
+from .names import BINARIZATIONS, DATASETS, dataset_name
+from .networks import IMAGE_SHAPE
 
 # ImageDataset field -> IDX file stem; torchvision uses the same stems for all three datasets.
 IDX_STEMS = {
@@ -34,20 +37,6 @@ IDX_STEMS = {
 }
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A supported dataset: its torchvision class and its IDX file stems."""
-
-    torchvision_class: type
-    stems: dict[str, str]
-
-
-DATASETS = {
-    "mnist": DatasetSpec(torchvision.datasets.MNIST, IDX_STEMS),
-    "fashion_mnist": DatasetSpec(torchvision.datasets.FashionMNIST, IDX_STEMS),
-    "kmnist": DatasetSpec(torchvision.datasets.KMNIST, IDX_STEMS),
-}
-
 # Directories that system packages install gzipped IDX files into, searched without a data_dir.
 SYSTEM_DATA_DIRS = {
     "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),),  # Debian: dataset-fashion-mnist
@@ -55,9 +44,9 @@ SYSTEM_DATA_DIRS = {
 
 _SYSTEM_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
 
-BINARIZATIONS = ("none", "threshold", "static", "dynamic")
-
-_DEFAULT_BINARIZATION = {"bernoulli": "dynamic", "continuous_bernoulli": "none", "normal": "none"}
+# The largest IDX file read: 2 million 28x28 images (1.5 GiB). A header asking for more is refused
+# before anything is allocated (a small gzip can claim gigabytes).
+MAX_IDX_BYTES = 2_000_000 * 28 * 28
 
 # Independent random streams derived from one seed.
 _STREAM_ORDER, _STREAM_DYNAMIC, _STREAM_STATIC, _STREAM_EVAL = range(4)
@@ -65,7 +54,7 @@ _STREAM_ORDER, _STREAM_DYNAMIC, _STREAM_STATIC, _STREAM_EVAL = range(4)
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Train and test splits: uint8 images (N, 28, 28), int64 labels (N,), and their origin."""
+    """Train and test splits: uint8 images (N, 28, 28), int64 labels (N,), their origin and fingerprint."""
 
     name: str
     source: str
@@ -73,6 +62,15 @@ class ImageDataset:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the four arrays' bytes (about 0.1 s for Fashion-MNIST): the same data gives the
+        same fingerprint whether it was read from gzipped, plain or torchvision files."""
+        digest = hashlib.sha256()
+        for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def default_data_dir() -> Path:
@@ -84,93 +82,82 @@ def _corrupt(path: Path, problem: str) -> DataError:
     return DataError(f"{path}: {problem}; the file is corrupt or incomplete, delete it and re-download it")
 
 
-def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """Read an unsigned-byte IDX file (gzipped if the name ends in ``.gz``) as a uint8 tensor."""
+def _read_exactly(f, path: Path, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) < n:
+        raise _corrupt(path, f"ends after {len(data)} of the {n} bytes its header needs")
+    return data
+
+
+def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> torch.Tensor:
+    """Read an unsigned-byte IDX file (gzipped if the name ends in ``.gz``) as a uint8 tensor.
+
+    The header (magic ``00 00 08 ndim``, then ``ndim`` big-endian sizes) is read first; a payload
+    larger than ``max_bytes`` is refused before it is allocated, and the payload is streamed into
+    one buffer of exactly the announced size.
+    """
     path = Path(path)
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
+            magic = f.read(4)
+            if len(magic) < 4:
+                raise _corrupt(path, f"only {len(magic)} bytes, shorter than the 4-byte IDX magic number")
+            if magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08 or magic[3] == 0:
+                raise _corrupt(path, f"bad IDX magic number {magic.hex()} (expected 0000 08 then a dimension count >= 1, i.e. unsigned-byte data)")
+            ndim = magic[3]
+            header = _read_exactly(f, path, 4 * ndim)
+            dims = [int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+            size = math.prod(dims)
+            if size > max_bytes:
+                raise _corrupt(path, f"its header announces {dims} = {size} bytes, more than the {max_bytes} an image data set of this kind can hold")
+            payload = np.empty(size, dtype=np.uint8)
+            got = f.readinto(memoryview(payload)) if size else 0
+            while got < size:
+                more = f.readinto(memoryview(payload)[got:])
+                if not more:
+                    raise _corrupt(path, f"payload has {got} bytes but the header dimensions {dims} need {size}")
+                got += more
+            if f.read(1):
+                raise _corrupt(path, f"payload is longer than the {size} bytes the header dimensions {dims} need")
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise _corrupt(path, f"gzip stream cannot be decompressed ({str(e) or type(e).__name__})") from e
-    if len(raw) < 4:
-        raise _corrupt(path, f"only {len(raw)} bytes, shorter than the 4-byte IDX magic number")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
-        raise _corrupt(
-            path,
-            f"bad IDX magic number {raw[:4].hex()} (expected 0000 08 then a dimension count >= 1, "
-            "i.e. unsigned-byte data)",
-        )
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise _corrupt(path, f"header truncated: {ndim} dimensions need {header} bytes, file has {len(raw)}")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected, payload = math.prod(dims), len(raw) - header
-    if payload != expected:
-        raise _corrupt(path, f"payload has {payload} bytes but the header dimensions {dims} need {expected}")
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).copy()).reshape(dims)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    return torch.from_numpy(payload).reshape(dims)
 
 
-def dataset_spec(name: str) -> DatasetSpec:
-    """The spec of a supported dataset; DataError listing the valid names otherwise."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    return DATASETS[name]
-
-
-def _raw_dir(spec: DatasetSpec, root: Path) -> Path:
-    return root / spec.torchvision_class.__name__ / "raw"
-
-
-def _find_idx_files(spec: DatasetSpec, directory: Path) -> dict[str, Path] | None:
+def _find_idx_files(directory: Path) -> dict[str, Path] | None:
     """The four IDX files in ``directory`` (plain preferred over ``.gz``), or None if any is missing."""
     found = {}
-    for field, stem in spec.stems.items():
+    for field, stem in IDX_STEMS.items():
         candidates = [directory / stem, directory / f"{stem}.gz"]
         found[field] = next((p for p in candidates if p.is_file()), None)
     return found if all(found.values()) else None
 
 
-def _validated(name: str, source: str, arrays: dict[str, torch.Tensor]) -> ImageDataset:
-    """Check image shapes and label counts, then build the ImageDataset."""
+def _load_idx_dir(name: str, directory: Path, files: dict[str, Path]) -> ImageDataset:
+    """Read and check the four files: image shapes, label counts, at least one image per split."""
+    arrays = {field: read_idx(path) for field, path in files.items()}
+    kinds = sorted({"gzipped" if p.suffix == ".gz" else "plain" for p in files.values()})
+    source = f"IDX files ({' and '.join(kinds)}) in {directory}"
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+        if images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE[1:]:
             raise DataError(f"{source}: {split} images have shape {tuple(images.shape)}, expected (N, 28, 28)")
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(
-                f"{source}: {images.shape[0]} {split} images but labels of shape {tuple(labels.shape)}"
-            )
-    arrays = {k: v.to(torch.uint8 if k.endswith("images") else torch.int64) for k, v in arrays.items()}
+            raise DataError(f"{source}: {images.shape[0]} {split} images but labels of shape {tuple(labels.shape)}")
+        if images.shape[0] == 0:
+            raise DataError(f"{source}: the {split} split has no images")
+    arrays = {k: v if k.endswith("images") else v.to(torch.int64) for k, v in arrays.items()}
     return ImageDataset(name=name, source=source, **arrays)
 
 
-def _load_idx_dir(name: str, files: dict[str, Path], source: str) -> ImageDataset:
-    return _validated(name, source, {field: read_idx(path) for field, path in files.items()})
-
-
-def _load_torchvision(name: str, spec: DatasetSpec, root: Path, source: str) -> ImageDataset:
-    """Load both splits with the torchvision class from ``root/<Class>/raw``."""
-    arrays = {}
-    for split in ("train", "test"):
-        try:
-            ds = spec.torchvision_class(root=str(root), train=split == "train", download=False)
-        except (AssertionError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            # torchvision's IDX reader fails with these on corrupt files; read_idx names the bad file.
-            raw = _raw_dir(spec, root)
-            for stem in spec.stems.values():
-                read_idx(raw / stem)
-            raise DataError(f"torchvision could not load {raw} ({e}); delete it and re-download") from e
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = ds.data, ds.targets
-    return _validated(name, source, arrays)
-
-
-def _not_found(name: str, looked: list[str], root: Path) -> DataError:
-    ways = [
-        "pass --download to fetch it with torchvision (needs internet)",
-        f"pass --data-dir DIR with the four IDX files ({', '.join(IDX_STEMS.values())}, each plain or .gz)",
-    ]
-    if name in _SYSTEM_PACKAGES:
+def _not_found(name: str, looked: list[Path], root: Path, explicit: bool) -> DataError:
+    ways = [f"put the four IDX files ({', '.join(IDX_STEMS.values())}, each plain or .gz) in one of those folders"]
+    if explicit:
+        ways.append("check the spelling of --data-dir, or leave it out to use the usual places")
+    ways.append("pass --download to fetch it with torchvision (needs internet)")
+    if name in _SYSTEM_PACKAGES and not explicit:
         ways.append(f"on Debian/Ubuntu: apt-get install {_SYSTEM_PACKAGES[name]}")
     return DataError(
         f"dataset {name!r} not found. Looked in:\n"
@@ -181,61 +168,44 @@ def _not_found(name: str, looked: list[str], root: Path) -> DataError:
     )
 
 
-def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, download: bool = False
-) -> ImageDataset:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageDataset:
     """Load a dataset's train and test splits.
 
-    Looks in ``data_dir`` (default: :func:`default_data_dir`) for the torchvision layout
-    ``<Class>/raw/``, then for IDX files in ``data_dir``, ``data_dir/<name>/`` and
-    ``data_dir/<Class>/raw/``, then in :data:`SYSTEM_DATA_DIRS`, then downloads with
-    torchvision if ``download``. Raises DataError listing every place looked if nothing is found.
+    With ``data_dir``, looks only there: in ``data_dir``, ``data_dir/<name>/`` and torchvision's
+    ``data_dir/<Class>/raw/``, and downloads into it if ``download``. Without it, looks in
+    :func:`default_data_dir` the same way, then in :data:`SYSTEM_DATA_DIRS`. Raises
+    :class:`DataError` listing every place looked if nothing is found.
     """
-    spec = dataset_spec(name)
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    raw = _raw_dir(spec, root)
-    looked = [f"{raw} (torchvision layout, unzipped files)"]
-    if all((raw / stem).is_file() for stem in spec.stems.values()):
-        return _load_torchvision(name, spec, root, f"torchvision files in {raw}")
-    for directory in (root, root / name, raw, *SYSTEM_DATA_DIRS.get(name, ())):
-        looked.append(f"{directory} (IDX files, plain or .gz)")
-        files = _find_idx_files(spec, directory)
+    name = dataset_name(name)
+    explicit = data_dir is not None
+    if explicit and not str(data_dir).strip():
+        raise DataError("--data-dir is empty; pass the folder that holds the IDX files, or leave it out")
+    root = Path(data_dir).expanduser().resolve() if explicit else default_data_dir()
+    if explicit and root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root} is a file, not a folder")
+    raw = root / DATASETS[name] / "raw"
+    places = [root, root / name, raw, *(() if explicit else SYSTEM_DATA_DIRS.get(name, ()))]
+    for directory in places:
+        files = _find_idx_files(directory)
         if files is not None:
-            kinds = sorted({"gzipped" if p.suffix == ".gz" else "plain" for p in files.values()})
-            return _load_idx_dir(name, files, f"IDX files ({' and '.join(kinds)}) in {directory}")
+            return _load_idx_dir(name, directory.resolve(), files)
     if not download:
-        raise _not_found(name, looked, root)
+        raise _not_found(name, places, root, explicit)
+    import torchvision  # only to download: it is slow to import
+
     try:
-        spec.torchvision_class(root=str(root), train=True, download=True)
+        getattr(torchvision.datasets, DATASETS[name])(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as e:
-        raise DataError(f"downloading {name!r} into {root} failed ({e}).\n{_not_found(name, looked, root)}") from e
-    return _load_torchvision(name, spec, root, f"downloaded by torchvision into {raw}")
+        raise DataError(f"downloading {name!r} into {root} failed ({e}).\n{_not_found(name, places, root, explicit)}") from e
+    files = _find_idx_files(raw)
+    if files is None:
+        raise DataError(f"torchvision reported a download of {name!r} but {raw} lacks its IDX files; delete {raw} and try again")
+    return _load_idx_dir(name, raw.resolve(), files)
 
 
-def default_binarization(likelihood_name: str) -> str:
-    """The binarization that suits a likelihood: Bernoulli gets dynamic binarization, others none."""
-    if likelihood_name not in _DEFAULT_BINARIZATION:
-        raise ConfigError(
-            f"unknown likelihood {likelihood_name!r}; valid names: {', '.join(_DEFAULT_BINARIZATION)}"
-        )
-    return _DEFAULT_BINARIZATION[likelihood_name]
-
-
-def _check_binarization_name(binarization: str) -> None:
+def check_binarization_name(binarization: str) -> None:
     if binarization not in BINARIZATIONS:
         raise ConfigError(f"unknown binarization {binarization!r}; valid: {', '.join(BINARIZATIONS)}")
-
-
-def check_binarization(likelihood_name: str, binarization: str) -> None:
-    """Refuse a Bernoulli likelihood on continuous pixels (its support is {0, 1})."""
-    default_binarization(likelihood_name)  # validates the name
-    _check_binarization_name(binarization)
-    if likelihood_name == "bernoulli" and binarization == "none":
-        raise DataError(
-            "the bernoulli likelihood needs pixels in {0, 1} but binarization 'none' keeps them "
-            "continuous in [0, 1]; use --binarize dynamic, static or threshold, or the "
-            "continuous_bernoulli or normal likelihood"
-        )
 
 
 def _generator(seed: int, stream: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -268,7 +238,7 @@ class DeviceBatches:
         flatten: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
-        _check_binarization_name(binarization)
+        check_binarization_name(binarization)
         if images.dtype != torch.uint8 or images.dim() != 3:
             raise DataError(f"images must be uint8 of shape (N, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:

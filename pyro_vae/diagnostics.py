@@ -9,23 +9,24 @@ dimension, the ELBO's two terms, and an :class:`arviz.InferenceData` export.
 * Active units (Burda et al. 2015, section 5.2): ``A_d = Cov_x(E_{q(z|x)}[z_d]) > 0.01``.
 
 Every function runs under ``torch.no_grad`` and returns CPU results; draws use torch's global RNG,
-so seed with ``torch.manual_seed`` for repeatable numbers.
+so seed with ``torch.manual_seed`` for repeatable numbers. ArviZ is imported by the functions that
+use it (it takes seconds to import).
 """
 
 from __future__ import annotations
 
+import math
 from os import PathLike
 from typing import Any, Sequence
 
-import arviz as az
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import kl_divergence
 
+from .checkpoint import replace_atomically
 from .errors import ConfigError, DataError
-from .evaluate import LogLikelihood
-from .reference import gaussian_kl
 
 # Pareto k-hat thresholds of Vehtari et al.: above K_OK the importance-sampled estimate is unreliable.
 K_GOOD, K_OK = 0.5, 0.7
@@ -40,6 +41,8 @@ def pareto_k(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     (K below about 25, or all weights exactly equal) ArviZ returns ``inf``. When q is the exact
     posterior the weights are equal up to rounding and k-hat, fitted to that noise, means nothing.
     """
+    import arviz as az
+
     lw = torch.as_tensor(log_weights, dtype=torch.float64).cpu().numpy()
     if lw.ndim != 2:
         raise DataError(f"log_weights must have shape (num_samples, N), got {lw.shape}")
@@ -72,11 +75,11 @@ def active_units(vae, x: torch.Tensor, threshold: float = 0.01, chunk_size: int 
 
 
 def kl_per_dimension(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tensor:
-    """``(1/N) sum_i KL(q(z_d|x_i) || N(0, 1))`` per latent dimension, shape ``(z_dim,)``; it sums to
-    the mean total KL. :func:`~pyro_vae.reference.gaussian_kl` sums over its last axis, so each
-    dimension goes in as a length-1 axis: ``1/2 (scale^2 + loc^2 - 1 - log scale^2)``."""
+    """``(1/N) sum_i KL(q(z_d|x_i) || p(z_d))`` per latent dimension, shape ``(z_dim,)``; it sums to
+    the mean total KL (for the standard-normal prior, ``1/2 (scale^2 + loc^2 - 1 - log scale^2)``)."""
     loc, scale = encode(vae, x, chunk_size)
-    return gaussian_kl(loc.unsqueeze(-1), scale.unsqueeze(-1)).mean(0)
+    prior = dist.Normal(vae.prior_loc.cpu(), vae.prior_scale.cpu())
+    return kl_divergence(dist.Normal(loc, scale), prior).mean(0)
 
 
 @torch.no_grad()
@@ -85,12 +88,13 @@ def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1) -> dict[str, torch.
 
     ``reconstruction`` averages the model's ``log p(x_i|z_l)`` over ``num_particles`` draws
     ``z_l ~ q(z|x_i)``; ``kl`` is analytic (Kingma & Welling 2013, eq. 10 and Appendix B). These are
-    the true ELBO terms: ``vae.kl_scale`` is ignored.
+    the terms of the model as defined (a KL weight belongs to training only).
     """
     loc, scale = vae.encoder(x)
-    z = dist.Normal(loc, scale).sample((num_particles,))
+    q = dist.Normal(loc, scale).to_event(1)
+    z = q.sample((num_particles,))
     reconstruction = vae.likelihood(vae.decoder(z)).log_prob(x).mean(0).cpu()
-    kl = gaussian_kl(loc, scale).cpu()
+    kl = kl_divergence(q, vae.prior()).cpu()
     return {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction - kl}
 
 
@@ -100,13 +104,15 @@ def _numpy(t: torch.Tensor, *shape: int) -> np.ndarray:
 
 def _group(data: dict[str, np.ndarray], dims: Sequence[str], coords: dict[str, Any], sampled: bool = True):
     """An ArviZ group: every variable has ``dims`` (after ``chain, draw`` when ``sampled``)."""
+    import arviz as az
+
     return az.dict_to_dataset(data, library=pyro, coords=coords, dims={name: list(dims) for name in data}, default_dims=None if sampled else [])
 
 
 def training_group(training_metrics: Sequence[dict[str, Any]]):
-    """The per-epoch trace as a Dataset indexed by ``epoch``; a metric missing from a row is NaN."""
+    """The per-epoch trace as a Dataset indexed by ``epoch``; a metric missing or null in a row is NaN."""
     names = [name for name in dict.fromkeys(key for row in training_metrics for key in row) if name != "epoch"]
-    data = {name: np.array([row.get(name, np.nan) for row in training_metrics], dtype=np.float64) for name in names}
+    data = {name: np.array([np.nan if row.get(name) is None else row[name] for row in training_metrics], dtype=np.float64) for name in names}
     return _group(data, ["epoch"], {"epoch": np.array([row["epoch"] for row in training_metrics])}, sampled=False)
 
 
@@ -115,14 +121,14 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
     log_weights = torch.as_tensor(log_weights, dtype=torch.float64).cpu()
     if log_weights.dim() != 2 or log_weights.shape[1] != n:
         raise DataError(f"log_weights must have shape (num_samples, {n}) for a batch of {n} datapoints, got {tuple(log_weights.shape)}")
-    log_px = LogLikelihood.from_log_weights(log_weights).log_px
+    log_px = torch.logsumexp(log_weights, 0) - math.log(log_weights.shape[0])
     group = _group({"pareto_k": pareto_k(log_weights), "log_px": log_px.numpy()}, ["datapoint"], {"datapoint": np.arange(n)}, sampled=False)
     group.attrs["num_samples"] = log_weights.shape[0]
     return group
 
 
 @torch.no_grad()
-def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None) -> az.InferenceData:
+def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None) -> "az.InferenceData":
     """The VAE's fit to the batch ``x`` as :class:`arviz.InferenceData` (one chain).
 
     Groups, with coordinates ``chain = [0]``, ``draw``, ``datapoint``, ``latent_dim``, ``pixel``
@@ -157,10 +163,13 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
         groups["importance_sampling"] = importance_sampling_group(log_weights, n)
     if training_metrics:
         groups["training"] = training_group(training_metrics)
+    import arviz as az
+
     return az.InferenceData(**groups)
 
 
-def save_inference_data(idata: az.InferenceData, path: str | PathLike) -> str:
+def save_inference_data(idata: "az.InferenceData", path: str | PathLike) -> str:
     """Write ``idata`` with all its groups, custom ones included, to netCDF; read it back with
-    ``arviz.from_netcdf(path)``."""
-    return idata.to_netcdf(str(path))
+    ``arviz.from_netcdf(path)``. Atomic: a kill or a full disk leaves any previous file intact."""
+    replace_atomically(path, lambda tmp: idata.to_netcdf(str(tmp)))
+    return str(path)

@@ -1,9 +1,12 @@
 """Data-parallel training across the processes of a ``torchrun`` job.
 
 ``torchrun`` starts one process per GPU (or CPU worker) and sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`setup` sees them and joins the job's process group, and the
-:class:`~pyro_vae.train.Trainer` then trains with :class:`~torch.nn.parallel.DistributedDataParallel`.
-Without those variables nothing here is used and training is the single-process code, unchanged.
+``LOCAL_RANK``; :func:`setup` sees them and joins the job's process group. The
+:class:`~pyro_vae.train.Trainer` trains through one object with one interface, whatever the number
+of processes: :class:`SingleProcess` without those variables, :class:`Distributed` (with
+:class:`~torch.nn.parallel.DistributedDataParallel`) in a job. The interface: ``is_main``,
+``device``, ``all_or_none``, ``objective`` (loss and gradients of a step), ``share`` (the main
+process's number everywhere), ``check_replicas``, the GPU RNG state, and ``explain_failure``.
 
 One step, on every rank:
 
@@ -36,8 +39,10 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
+import pyro
 import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
@@ -46,9 +51,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError
+from .names import BACKENDS, DEFAULT_TIMEOUT_S
+from .objective import elbo_loss
+from .runtime import resolve_device
 
-BACKENDS = ("auto", "nccl", "gloo")
-DEFAULT_TIMEOUT_S = 600.0  # how long any rank waits in a collective for the others
 
 
 class DistributedError(RuntimeError):
@@ -74,6 +80,47 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:500]
 
 
+class SingleProcess:
+    """Training in this process alone: the trivial implementation of the interface."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def device(self, name: str) -> torch.device:
+        return resolve_device(name)
+
+    @contextlib.contextmanager
+    def all_or_none(self, doing: str) -> Iterator[None]:
+        yield
+
+    def objective(self, vae: nn.Module, elbo: Any, device: torch.device):
+        """``loss_and_grads(x, kl_weight)``: ``-ELBO_beta`` of ``x`` (detached), gradients in ``.grad``."""
+
+        def loss_and_grads(x: torch.Tensor, kl_weight: float) -> torch.Tensor:
+            # the data were checked once when training started; per-step validation would stop at
+            # the first non-finite parameter with a traceback instead of skipping the step
+            with pyro.validation_enabled(False):
+                loss = elbo_loss(elbo, vae.model, vae.guide, x, kl_weight)
+            loss.backward()
+            return loss.detach()
+
+        return loss_and_grads
+
+    def share(self, value: float, device: torch.device, what: str) -> float:
+        return value
+
+    def check_replicas(self, module: nn.Module) -> None:
+        """One replica: nothing to compare."""
+
+    def save_device_rng(self, state: dict[str, Any], device: torch.device) -> None:
+        """The global RNG state (:func:`~pyro_vae.runtime.rng_state`) holds every GPU's already."""
+
+    def restore_device_rng(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restored with the global state."""
+
+    def explain_failure(self, error: BaseException, checkpoint: Path) -> BaseException:
+        return error
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in the job, and the few collectives training needs."""
@@ -94,25 +141,48 @@ class Distributed:
 
     def device(self, name: str) -> torch.device:
         """The training device of this rank: ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``."""
-        if name in ("auto", "cuda"):
-            if torch.cuda.is_available():
-                if self.local_rank >= torch.cuda.device_count():
-                    raise ConfigError(
-                        f"{self} has LOCAL_RANK {self.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
-                        "start at most one process per GPU (torchrun --nproc_per_node) or pass --device cpu"
-                    )
-                return torch.device("cuda", self.local_rank)
-            if name == "cuda":
-                raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-            return torch.device("cpu")
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu or auto")
-        return device
-
-    def check_device(self, device: torch.device) -> None:
+        device = resolve_device(name, self.local_rank)
         if self.backend == "nccl" and device.type != "cuda":
             raise ConfigError(f"the nccl backend reduces CUDA tensors only, but this run trains on {device}; use --backend gloo (or auto) or a CUDA device")
+        return device
+
+    def objective(self, vae: nn.Module, elbo: Any, device: torch.device):
+        """``loss_and_grads(x, kl_weight)`` for the global batch ``x``: this rank runs its rows through
+        DDP, whose backward sums the gradients of all ranks' rows; returns the global batch's
+        ``-ELBO_beta``, the same on every rank, so all take the same skip-or-step decision."""
+        loss_module = self.wrap(ELBOLoss(vae, elbo), device)
+
+        def loss_and_grads(x: torch.Tensor, kl_weight: float) -> torch.Tensor:
+            start, stop, weight = self.shard(x.shape[0])
+            with pyro.validation_enabled(False):
+                loss = loss_module(x[start:stop], start, stop, x.shape[0], kl_weight)
+            self.backward(loss * weight)
+            return self.all_reduce_sum(loss.detach() * weight)
+
+        return loss_and_grads
+
+    def share(self, value: float, device: torch.device, what: str) -> float:
+        """Rank 0's ``value`` on every rank."""
+        return self.broadcast_float(value, device, what)
+
+    def save_device_rng(self, state: dict[str, Any], device: torch.device) -> None:
+        """Rank 0's GPU stream, which every rank continues on resume (ranks share one stream)."""
+        if device.type == "cuda":
+            state["device"] = torch.cuda.get_rng_state(device)
+
+    def restore_device_rng(self, state: dict[str, Any], device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state.get("device", state["cuda"][0]), device)
+
+    def explain_failure(self, error: BaseException, checkpoint: Path) -> BaseException:
+        """A lost peer, with where the run can continue from."""
+        if not checkpoint.exists():
+            return error
+        return DistributedError(f"{error} The last complete checkpoint is {checkpoint}; continue the run with --resume.")
+
+    def all_or_none(self, doing: str):
+        """:func:`all_or_none` over this job."""
+        return all_or_none(self, doing)
 
     def shard(self, n: int) -> tuple[int, int, float]:
         """This rank's rows ``[start, stop)`` of a global batch of ``n`` and their weight.
@@ -239,8 +309,8 @@ _active: Distributed | None = None
 _owned = False  # whether setup() created the process group (and shutdown() may destroy it)
 
 
-def setup(backend: str = "auto", timeout_s: float | None = None) -> Distributed | None:
-    """Join the torchrun job this process belongs to; None when it is a plain single process.
+def setup(backend: str = "auto", timeout_s: float | None = None) -> Distributed | SingleProcess:
+    """Join the torchrun job this process belongs to; :class:`SingleProcess` when it is a plain process.
 
     ``backend``: ``auto`` (NCCL for CUDA tensors and gloo for CPU tensors, or gloo alone where there
     is no GPU), ``nccl`` or ``gloo``; ignored outside a job. ``timeout_s`` bounds every wait for the
@@ -257,11 +327,11 @@ def setup(backend: str = "auto", timeout_s: float | None = None) -> Distributed 
     if not dist.is_available():
         if launched():
             raise ConfigError("this process was launched as part of a distributed job but this torch build has no torch.distributed")
-        return None
+        return SingleProcess()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if not launched():
-            return None
+            return SingleProcess()
         timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         cuda = torch.cuda.is_available()
         if backend == "nccl" and not cuda:
@@ -299,11 +369,11 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def all_or_none(d: Distributed | None, doing: str) -> Iterator[None]:
+def all_or_none(d: Distributed | SingleProcess | None, doing: str) -> Iterator[None]:
     """Run a setup block on every rank, then agree: if it failed on any rank it fails on all of
     them at once, the failing rank with its own error, the others saying which rank failed and why.
     No other collective may run inside the block. A no-op context for a single process."""
-    if d is None:
+    if d is None or isinstance(d, SingleProcess):
         yield
         return
     try:
@@ -361,7 +431,7 @@ class ELBOLoss(nn.Module):
     """``-ELBO`` of a batch as a module's ``forward``, so that DDP can wrap it (Pyro's ELBO calls the
     VAE's networks directly, never a module's ``forward``, which is what DDP hooks).
 
-    ``forward(x)`` is ``elbo.differentiable_loss(vae.model, vae.guide, x)``; with ``global_size``,
+    ``forward(x)`` is ``elbo_loss(elbo, vae.model, vae.guide, x, kl_weight)``; with ``global_size``,
     ``x`` is rows ``[start, stop)`` of a global batch and the latent noise is matched to it
     (:class:`GlobalBatchNoise`).
     """
@@ -371,7 +441,7 @@ class ELBOLoss(nn.Module):
         self.vae = vae
         self.elbo = elbo
 
-    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None, global_size: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None, global_size: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
         noise = contextlib.nullcontext() if global_size is None else GlobalBatchNoise(start, x.shape[0] + start if stop is None else stop, global_size)
         with noise:
-            return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+            return elbo_loss(self.elbo, self.vae.model, self.vae.guide, x, kl_weight)

@@ -7,3 +7,7 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration that cannot work (impossible sizes, incompatible checkpoint)."""
+
+
+class NumericalError(RuntimeError):
+    """Training produced non-finite losses, gradients or evaluations and cannot go on."""

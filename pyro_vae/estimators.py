@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
+from .names import ESTIMATORS
 
-ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 
 
 def make_elbo(name: str = "meanfield", num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: int = 1) -> ELBO:
@@ -64,8 +65,12 @@ class DataPlateIWELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
 
-    def log_weights(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float]:
-        """``log w_ik`` of shape ``(num_particles, batch)`` and the plate's scale ``N / batch``."""
+    def log_weights(self, model, guide, *args, weighted: bool = True, **kwargs) -> tuple[torch.Tensor, float]:
+        """``log w_ik`` of shape ``(num_particles, batch)`` and the plate's scale ``N / batch``.
+
+        ``weighted``: each site's log-density keeps the scale handlers put on it other than the data
+        plate's (a KL weight of the training objective); ``False`` gives the log-weights of the
+        model as defined, whatever handlers surround it (evaluation)."""
         vectorized = self.vectorize_particles and self.num_particles > 1
         per_trace, data_scale = [], None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -76,21 +81,24 @@ class DataPlateIWELBO(ELBO):
                         continue
                     if sign < 0 and not site["fn"].has_rsample:
                         raise NotImplementedError(f"guide site {site['name']!r} is not reparameterizable; the iwae estimator needs rsample")
-                    log_p, data_scale = self._datapoint_log_prob(site, keep_particle_dim=vectorized)
+                    log_p, data_scale = self._datapoint_log_prob(site, vectorized, weighted)
                     log_w = log_w + sign * log_p
             per_trace.append(log_w)
         log_w = per_trace[0] if vectorized else torch.stack(per_trace)
         return log_w, data_scale
 
-    def _datapoint_log_prob(self, site, keep_particle_dim: bool) -> tuple[torch.Tensor, float]:
+    def _datapoint_log_prob(self, site, keep_particle_dim: bool, weighted: bool) -> tuple[torch.Tensor, float]:
         frame = next((f for f in site["cond_indep_stack"] if f.name == self.plate_name), None)
         if frame is None:
             raise ValueError(f"site {site['name']!r} is outside the {self.plate_name!r} plate; per-datapoint weights need every sample site inside it")
-        log_p = site["log_prob"].movedim(frame.dim, -1)
-        lead = log_p.shape[:1] if keep_particle_dim else ()
-        log_p = log_p.reshape(*lead, -1, log_p.shape[-1]).sum(-2)  # sum any nested plates
         data_scale = (frame.full_size or frame.size) / frame.size
-        return log_p / data_scale, data_scale
+        if weighted:
+            log_p = site["log_prob"] / data_scale
+        else:
+            log_p = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
+        log_p = log_p.movedim(frame.dim, -1)
+        lead = log_p.shape[:1] if keep_particle_dim else ()
+        return log_p.reshape(*lead, -1, log_p.shape[-1]).sum(-2), data_scale  # sum any nested plates
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         log_w, data_scale = self.log_weights(model, guide, *args, **kwargs)

@@ -1,28 +1,46 @@
-"""Per-datapoint marginal log-likelihood by importance sampling, for any model/guide with a data plate.
+"""Evaluation of a model as defined: the test ELBO and the per-datapoint marginal log-likelihood by
+importance sampling, for any model/guide with a data plate, and everything ``pyro-vae evaluate``
+reports for a saved run.
 
 ``log p(x_i) ~= log (1/K) sum_k w_ik``, ``w_ik = p(x_i, z_ik) / q(z_ik | x_i)``, ``z_ik ~ q(z | x_i)``
 (Burda et al. 2015, eq. 8; they use K = 5000 for test log-likelihoods). The weights come from
-:meth:`~pyro_vae.estimators.DataPlateIWELBO.log_weights`, drawn ``chunk_size`` particles at a time
-so memory stays bounded by ``chunk_size x batch`` whatever K is.
+:meth:`~pyro_vae.estimators.DataPlateIWELBO.log_weights` of the unscaled model (whatever handlers
+surround it), drawn ``chunk_size`` particles at a time so memory stays bounded by
+``chunk_size x batch`` whatever K is. The standard error of such an estimate is itself estimated
+from the weights, and is trustworthy only when their tail is light: every result carries the PSIS
+k-hat of each datapoint (Vehtari et al. 2024) and warns when it exceeds 0.7.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import warnings
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 
+from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
 from .errors import ConfigError
-from .estimators import DataPlateIWELBO
+from .estimators import DataPlateIWELBO, make_elbo
+from .runtime import seeded
 
 
-@dataclass
+class ImportanceSamplingWarning(UserWarning):
+    """Importance weights too heavy-tailed for the estimate's standard error to be trusted."""
+
+
+@dataclasses.dataclass
 class LogLikelihood:
-    """Per-datapoint estimates of ``log p(x_i)`` (nats) and their delta-method standard errors."""
+    """Per-datapoint estimates of ``log p(x_i)`` (nats), their delta-method standard errors and the
+    PSIS k-hat of each datapoint's weights (``k > 0.7``: the estimate is a noisy lower bound there
+    and its standard error is too small)."""
 
     log_px: torch.Tensor
     standard_error: torch.Tensor
+    pareto_k: np.ndarray
+    num_samples: int
 
     def mean(self) -> float:
         return self.log_px.mean().item()
@@ -32,7 +50,23 @@ class LogLikelihood:
         return (self.log_px.std() / math.sqrt(self.log_px.numel())).item() if self.log_px.numel() > 1 else float("nan")
 
     def bits_per_dim(self, dims: int) -> float:
+        """``-mean log p(x) / (D log 2)``: meaningful only where ``p`` is a probability mass on the data."""
         return -self.mean() / (dims * math.log(2))
+
+    def unreliable_share(self) -> float:
+        """The share of datapoints whose k-hat exceeds 0.7 (a failed fit counts too)."""
+        return float(np.mean(~(self.pareto_k <= K_OK)))
+
+    def warning(self) -> str | None:
+        """What a reader must know when some k-hat exceeds 0.7, else None."""
+        share = self.unreliable_share()
+        if share == 0:
+            return None
+        return (
+            f"PSIS k-hat > {K_OK} for {100 * share:.0f}% of the datapoints (K={self.num_samples}): there q(z|x) is narrower "
+            "than the posterior, log p(x) is a noisy lower bound and its standard error is too small; "
+            "raise num_samples (K) to tighten it"
+        )
 
     @classmethod
     def from_log_weights(cls, log_w: torch.Tensor) -> "LogLikelihood":
@@ -42,12 +76,23 @@ class LogLikelihood:
         k = log_w.shape[0]
         w = torch.exp(log_w - log_w.max(0).values)
         standard_error = w.std(0) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(w[0], float("nan"))
-        return cls(torch.logsumexp(log_w, 0) - math.log(k), standard_error)
+        return cls(torch.logsumexp(log_w, 0) - math.log(k), standard_error, pareto_k(log_w), k)
 
     @classmethod
     def cat(cls, parts: "list[LogLikelihood]") -> "LogLikelihood":
         """The estimates of several batches as one."""
-        return cls(torch.cat([p.log_px for p in parts]), torch.cat([p.standard_error for p in parts]))
+        return cls(
+            torch.cat([p.log_px for p in parts]),
+            torch.cat([p.standard_error for p in parts]),
+            np.concatenate([p.pareto_k for p in parts]),
+            parts[0].num_samples,
+        )
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+    """:class:`ConfigError` unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @torch.no_grad()
@@ -55,18 +100,104 @@ def importance_log_weights(model, guide, x: torch.Tensor, num_samples: int, chun
     """``log w_ik`` of shape ``(num_samples, N)`` in float64 on the CPU, drawn ``chunk_size``
     particles at a time (memory ``chunk_size x N`` whatever ``num_samples``); ``kwargs`` go to
     model and guide. ``logsumexp_k log w_ik - log K`` is the IWAE estimate of ``log p(x_i)``."""
-    if num_samples < 1 or chunk_size < 1:
-        raise ConfigError(f"num_samples and chunk_size must be positive, got {num_samples} and {chunk_size}")
+    check_count("num_samples", num_samples)
+    check_count("chunk_size", chunk_size)
     chunks = []
     for start in range(0, num_samples, chunk_size):
         elbo = DataPlateIWELBO(num_particles=min(chunk_size, num_samples - start), max_plate_nesting=max_plate_nesting, vectorize_particles=True, plate_name=plate_name)
-        chunks.append(elbo.log_weights(model, guide, x, **kwargs)[0].double().cpu())
+        chunks.append(elbo.log_weights(model, guide, x, weighted=False, **kwargs)[0].double().cpu())
     return torch.cat(chunks)
 
 
+def log_marginal_likelihood(model, guide, x: torch.Tensor, num_samples: int = 5000, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, warn: bool = True, **kwargs) -> LogLikelihood:
+    """Importance-sampled ``log p(x_i)`` for each datapoint of the batch ``x``, with standard errors and
+    PSIS k-hat (:meth:`LogLikelihood.from_log_weights`); warns (:class:`ImportanceSamplingWarning`)
+    when some k-hat exceeds 0.7, unless ``warn=False``."""
+    result = LogLikelihood.from_log_weights(importance_log_weights(model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, **kwargs))
+    message = result.warning()
+    if warn and message:
+        warnings.warn(message, ImportanceSamplingWarning, stacklevel=2)
+    return result
+
 
 @torch.no_grad()
-def log_marginal_likelihood(model, guide, x: torch.Tensor, num_samples: int = 5000, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, **kwargs) -> LogLikelihood:
-    """Importance-sampled ``log p(x_i)`` for each datapoint of the batch ``x``, with standard errors
-    (:meth:`LogLikelihood.from_log_weights`)."""
-    return LogLikelihood.from_log_weights(importance_log_weights(model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, **kwargs))
+def mean_elbo(vae, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int) -> float:
+    """ELBO of the model as defined, in nats per image: analytic KL, one particle, a fixed seed and
+    the training RNG left untouched, so the number is comparable across epochs and exact across
+    resumes. Never weighted: a KL weight belongs to training only."""
+    elbo = make_elbo("meanfield", 1)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with seeded(vae.prior_loc.device, seed):
+        for x, _ in batches:
+            total += elbo.differentiable_loss(vae.model, vae.guide, x).double().cpu()
+            count += x.shape[0]
+    return -(total / count).item()
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Everything ``pyro-vae evaluate`` reports about a model on a test set."""
+
+    test_images: int
+    test_elbo: float
+    reconstruction: float
+    kl: float
+    log_likelihood: LogLikelihood
+    active_units: int
+    kl_per_dimension: list[float]
+    data_kind: str  # what log p(x) is of: see pyro_vae.likelihoods.Likelihood.data_kind
+    pixels: int
+    log_weights: torch.Tensor  # (K, n) of the first n test images, for the ArviZ export
+
+    @property
+    def bits_per_dim(self) -> float | None:
+        """bits/dim where ``log p(x)`` is a log-probability of the data (binarized or 8-bit pixels);
+        None for a density on continuous pixels, whose value is not a probability."""
+        return None if self.data_kind == "density" else self.log_likelihood.bits_per_dim(self.pixels)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready record written as ``evaluation.json`` (no NaN: strict JSON)."""
+        ll = self.log_likelihood
+        return {
+            "test_images": self.test_images,
+            "test_elbo": self.test_elbo,
+            "reconstruction": self.reconstruction,
+            "kl": self.kl,
+            "num_samples": ll.num_samples,
+            "test_log_likelihood": ll.mean(),
+            "test_log_likelihood_se": ll.mean_standard_error(),
+            "data_kind": self.data_kind,
+            "bits_per_dim": self.bits_per_dim,
+            "pareto_k": pareto_k_summary(ll.pareto_k),
+            "active_units": self.active_units,
+            "kl_per_dimension": self.kl_per_dimension,
+        }
+
+
+def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size: int = 250, keep_log_weights: int = 100, progress: bool = False) -> Evaluation:
+    """Evaluate ``vae`` on the test split ``batches`` (a :class:`~pyro_vae.data.DeviceBatches`):
+    test ELBO (:func:`mean_elbo`), its two terms, importance-sampled ``log p(x)`` with ``num_samples``
+    samples per image and k-hat, active units and KL per latent dimension. The first
+    ``keep_log_weights`` images' log-weights are kept for the ArviZ export."""
+    from tqdm.auto import tqdm
+
+    check_count("num_samples", num_samples)
+    check_count("chunk_size", chunk_size)
+    check_count("keep_log_weights", keep_log_weights, minimum=0)
+    with seeded(vae.prior_loc.device, seed):
+        log_w = [importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in tqdm(batches.eval_batches(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False)]
+        x_all = batches.full()
+        terms = elbo_terms(vae, x_all)
+    ll = LogLikelihood.cat([LogLikelihood.from_log_weights(w) for w in log_w])
+    return Evaluation(
+        test_images=ll.log_px.numel(),
+        test_elbo=mean_elbo(vae, batches.eval_batches(), seed),
+        reconstruction=terms["reconstruction"].mean().item(),
+        kl=terms["kl"].mean().item(),
+        log_likelihood=ll,
+        active_units=active_units(vae, x_all)[0] if x_all.shape[0] > 1 else 0,
+        kl_per_dimension=kl_per_dimension(vae, x_all).tolist(),
+        data_kind=vae.likelihood.data_kind,
+        pixels=math.prod(vae.x_shape),
+        log_weights=torch.cat(log_w, dim=1)[:, :keep_log_weights],
+    )

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .names import LIKELIHOODS, NORMAL_SCALES
 from .networks import inverse_positive_scale, positive_scale
 
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal")
-NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
 
 
 def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
@@ -52,9 +51,17 @@ class StableContinuousBernoulli(dist.ContinuousBernoulli):
 
 
 class Likelihood(nn.Module):
-    """Base class: maps decoder outputs of shape ``(..., num_params * C, *rest)`` to ``p(x|z)``."""
+    """Base class: maps decoder outputs of shape ``(..., num_params * C, *rest)`` to ``p(x|z)``.
+
+    A likelihood also owns the facts about the data it models: ``default_binarization`` (what the
+    pixels need before it can score them), :meth:`check_support`, and ``data_kind``: ``"binary"``
+    (a probability mass on binarized pixels), ``"8bit"`` (a mass on the 256 levels of each pixel) or
+    ``"density"`` (a density on continuous pixels, whose values are not probabilities: no bits/dim).
+    """
 
     num_params = 1
+    default_binarization = "none"
+    data_kind = "density"
 
     def __init__(self, x_shape: Sequence[int]):
         super().__init__()
@@ -77,9 +84,16 @@ class Likelihood(nn.Module):
     def check_support(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` naming the fix if ``x`` lies outside this likelihood's support."""
 
+    @classmethod
+    def check_binarization(cls, binarization: str) -> None:
+        """Raise :class:`DataError` if pixels prepared with ``binarization`` cannot be in the support."""
 
-class Bernoulli(Likelihood):
+
+class BernoulliLikelihood(Likelihood):
     """``x_d ~ Bernoulli(sigmoid(logits_d))``: binary data only."""
+
+    default_binarization = "dynamic"
+    data_kind = "binary"
 
     def pixel_distribution(self, logits):
         return dist.Bernoulli(logits=logits)
@@ -92,8 +106,17 @@ class Bernoulli(Likelihood):
                 "'threshold'), or use likelihood 'continuous_bernoulli' or 'normal' for continuous pixels."
             )
 
+    @classmethod
+    def check_binarization(cls, binarization):
+        if binarization == "none":
+            raise DataError(
+                "the bernoulli likelihood needs pixels in {0, 1} but binarization 'none' keeps them "
+                "continuous in [0, 1]; use --binarize dynamic, static or threshold, or the "
+                "continuous_bernoulli or normal likelihood"
+            )
 
-class ContinuousBernoulli(Likelihood):
+
+class ContinuousBernoulliLikelihood(Likelihood):
     """``x_d ~ ContinuousBernoulli(sigmoid(logits_d))``: a proper density on [0, 1]."""
 
     def pixel_distribution(self, logits):
@@ -108,7 +131,7 @@ class ContinuousBernoulli(Likelihood):
             )
 
 
-class Normal(Likelihood):
+class NormalLikelihood(Likelihood):
     """``x_d ~ Normal(mu_d, s_d)`` with ``mu`` from the decoder and ``s`` set by ``scale``.
 
     ``scale`` is a positive float (fixed), ``"shared"`` (one learned scalar), ``"pixel"`` (one
@@ -146,14 +169,23 @@ class Normal(Likelihood):
             raise DataError("the normal likelihood needs finite data, but x has NaN or infinite values.")
 
 
+LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {
+    "bernoulli": BernoulliLikelihood,
+    "continuous_bernoulli": ContinuousBernoulliLikelihood,
+    "normal": NormalLikelihood,
+}
+
+
+def likelihood_class(name: str) -> type[Likelihood]:
+    """The likelihood class of a name in :data:`~pyro_vae.names.LIKELIHOODS`; :class:`ConfigError` otherwise."""
+    if name not in LIKELIHOOD_CLASSES:
+        raise ConfigError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
+    return LIKELIHOOD_CLASSES[name]
+
+
 def make_likelihood(name: str | Likelihood, x_shape: Sequence[int], normal_scale: str | float = "shared") -> Likelihood:
-    """Build a likelihood from its name (one of :data:`LIKELIHOODS`), or pass an instance through."""
+    """Build a likelihood from its name (one of :data:`~pyro_vae.names.LIKELIHOODS`), or pass an instance through."""
     if isinstance(name, Likelihood):
         return name
-    if name == "bernoulli":
-        return Bernoulli(x_shape)
-    if name == "continuous_bernoulli":
-        return ContinuousBernoulli(x_shape)
-    if name == "normal":
-        return Normal(x_shape, scale=normal_scale)
-    raise ConfigError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
+    cls = likelihood_class(name)
+    return cls(x_shape, scale=normal_scale) if cls is NormalLikelihood else cls(x_shape)

@@ -10,28 +10,30 @@ Guide (the encoder, amortized over data)::
     z_i ~ N(loc(x_i), diag(scale(x_i)^2))
 
 Datapoints live in the plate ``"data"`` at dim -1, so any ELBO with ``max_plate_nesting=1`` can
-run them with vectorized particles at dim -2. ``kl_scale`` multiplies the latent site's
-log-densities in both model and guide (``poutine.scale``; ``poutine.mask`` at 0), turning the ELBO into
-``E_q[log p(x|z)] - kl_scale * KL(q(z|x) || p(z))`` for beta-VAEs and KL annealing.
+run them with vectorized particles at dim -2. The model is always the unweighted ``p(x, z)``: a KL
+weight (beta-VAE, annealing) belongs to the training objective, :func:`pyro_vae.kl_weighted`.
+
+Networks are registered with ``pyro.module`` under a name of this instance's own (``vae``,
+``vae_1``, ... in order of construction), so several VAEs in one process each train with plain
+``SVI`` and Pyro's global parameter store never hands one model another's tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 from typing import Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from .errors import ConfigError, DataError
 from .likelihoods import Likelihood, make_likelihood
+from .names import ARCHITECTURES
 from .networks import IMAGE_SHAPE, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
-ARCHITECTURES = ("mlp", "conv")
 
 
 class VAE(nn.Module):
@@ -49,8 +51,11 @@ class VAE(nn.Module):
         hidden: hidden layer widths of the MLP encoder (the decoder mirrors them), or the one dense
             width of the conv networks.
         activation: ``"softplus"``, ``"relu"``, ``"tanh"`` or ``"elu"``.
-        kl_scale: weight of the KL term (1 is the ELBO; set it per step for annealing).
+        name: prefix of the networks' entries in Pyro's parameter store (default: ``vae`` for the
+            first VAE of the process, then ``vae_1``, ``vae_2``, ...).
     """
+
+    _instances = itertools.count()
 
     def __init__(
         self,
@@ -61,7 +66,7 @@ class VAE(nn.Module):
         architecture: str = "mlp",
         hidden: Sequence[int] | int = (400,),
         activation: str = "softplus",
-        kl_scale: float = 1.0,
+        name: str | None = None,
     ):
         super().__init__()
         if x_dim < 1 or z_dim < 1:
@@ -84,7 +89,8 @@ class VAE(nn.Module):
             self.encoder = MLPEncoder(x_dim, z_dim, hidden, activation)
             self.decoder = MLPDecoder(z_dim, self.likelihood.num_params * x_dim, hidden, activation)
         self.z_dim = z_dim
-        self.kl_scale = kl_scale
+        number = next(self._instances)
+        self.name = name if name is not None else ("vae" if number == 0 else f"vae_{number}")
         self.register_buffer("prior_loc", torch.zeros(z_dim))
         self.register_buffer("prior_scale", torch.ones(z_dim))
 
@@ -92,14 +98,16 @@ class VAE(nn.Module):
         """``p(z) = N(0, I)``, built from buffers so it lives on the module's device."""
         return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
 
-    def kl_weighted(self):
-        """Handler weighting the latent site by ``kl_scale`` in model and guide alike; weight 0
-        (the start of KL annealing) masks the site, which Pyro's ``scale`` does not accept."""
-        if self.kl_scale < 0:
-            raise ConfigError(f"kl_scale must be non-negative, got {self.kl_scale}")
-        if self.kl_scale == 1:
-            return contextlib.nullcontext()  # the plain ELBO: no handler on the hot path
-        return poutine.scale(scale=self.kl_scale) if self.kl_scale > 0 else poutine.mask(mask=False)
+    def pyro_module(self, part: str, module: nn.Module) -> None:
+        """``pyro.module`` under this VAE's name; refuse a store entry that belongs to another module."""
+        name = f"{self.name}.{part}"
+        pyro.module(name, module)
+        param_name, param = next(module.named_parameters(), (None, None))
+        if param is not None and pyro.get_param_store()._params.get(f"{name}$$${param_name}") is not param:
+            raise ConfigError(
+                f"Pyro's parameter store already holds {name!r} from another model, so SVI would train that "
+                f"model instead of this one; give this VAE another name= or call pyro.clear_param_store()"
+            )
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` naming the fix unless ``x`` is a batch this model can score.
@@ -138,25 +146,23 @@ class VAE(nn.Module):
 
     def model(self, x: torch.Tensor | None = None, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
         """``p(x, z) = p(z) p(x|z)`` for the batch ``x``, or ``batch_size`` fresh draws when ``x`` is None."""
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
+        self.pyro_module("decoder", self.decoder)
+        self.pyro_module("likelihood", self.likelihood)
         if x is not None:
             self.check_data(x)
         with self.data_plate(batch_size if x is None else x.shape[0], num_data, subsample_size) as idx:
-            with self.kl_weighted():
-                z = pyro.sample("z", self.prior())
+            z = pyro.sample("z", self.prior())
             x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
         """``q(z|x) = N(z; loc(x), diag(scale(x)^2))`` from the encoder."""
-        pyro.module("encoder", self.encoder)
+        self.pyro_module("encoder", self.encoder)
         self.check_data(x)  # SVI runs the guide first: refuse bad data before anything else
         with self.data_plate(x.shape[0], num_data, subsample_size) as idx:
             x_batch = x if subsample_size is None else x.index_select(0, idx)
             loc, scale = self.encoder(x_batch)
-            with self.kl_weighted():
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+ACTIVATION_LAYERS = {"softplus": nn.Softplus, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 # Lower bound on every standard deviation a network emits: keeps log q(z|x) finite.
 MIN_SCALE = 1e-4
@@ -41,9 +41,9 @@ def inverse_positive_scale(scale: torch.Tensor | float, min_scale: float = MIN_S
 
 
 def make_activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    if name not in ACTIVATION_LAYERS:
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATION_LAYERS)}")
+    return ACTIVATION_LAYERS[name]()
 
 
 def mlp(sizes: Sequence[int], activation_name: str, final_activation: bool) -> nn.Sequential:

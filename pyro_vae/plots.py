@@ -1,7 +1,9 @@
-"""PNG figures of a VAE training run: ELBO curves, image grids, reconstructions, latent space.
+"""PNG figures of a VAE training run: ELBO curves, image grids, reconstructions, latent space, and
+:func:`draw_run_figures`, the set a training run redraws every epoch.
 
-Every function takes plain tensors, arrays or lists, writes one PNG (creating parent
-directories) and returns its path. Figures are built as ``matplotlib.figure.Figure``
+Every function takes plain tensors, arrays or lists, writes one PNG atomically (creating parent
+directories; a symlink at the target is replaced, not followed) and returns its path. Grids are
+tiled by torchvision's ``make_grid``. Figures are built as ``matplotlib.figure.Figure``
 objects rendered by Agg, never through pyplot, so no global figure state is touched and
 the functions are safe in scripts, servers and threads without a display.
 """
@@ -16,7 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pyro_vae.errors import ConfigError, DataError
+from .checkpoint import replace_atomically
+from .errors import ConfigError, DataError
+from .runtime import seeded
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -49,11 +53,10 @@ def _numpy(x):
 
 
 def _save(fig, path):
-    """Write ``fig`` as a PNG at ``path`` (making parent directories), release it, return the path."""
+    """Write ``fig`` as a PNG at ``path`` atomically, release it, return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, format="png", dpi=_DPI, bbox_inches="tight")
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight"))
     finally:
         fig.clear()
     return path
@@ -83,14 +86,12 @@ def _as_images(images, what="images"):
 
 
 def _tile(images, ncol, pad=_PAD):
-    """One 2-D array of (N, H, W) images laid out row by row, ``ncol`` per row, ``pad`` pixels apart."""
-    n, h, w = images.shape
-    nrow = -(-n // ncol)
-    grid = np.full((nrow * (h + pad) - pad, ncol * (w + pad) - pad), _PAD_VALUE)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = image
-    return grid
+    """One 2-D array of (N, H, W) images laid out row by row, ``ncol`` per row, ``pad`` pixels apart
+    (torchvision's ``make_grid``, without its outer border)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=pad, pad_value=_PAD_VALUE)[0].numpy()
+    return grid[pad : grid.shape[0] - pad, pad : grid.shape[1] - pad] if pad else grid
 
 
 def _grid_figure(grid, ncol, title=None):
@@ -246,3 +247,23 @@ def plot_latent_scatter(z, labels, path, class_names=None):
     ax.set_ylabel("$z_2$ (posterior mean)")
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+@torch.no_grad()
+def draw_run_figures(vae, test_batches, metrics, folder, dataset: str, seed: int) -> None:
+    """A run's figures in ``folder`` (a :class:`~pyro_vae.run.RunFolder` or path): ELBO curves,
+    test reconstructions, prior samples drawn from ``seed`` and, for ``z_dim == 2``, the latent
+    manifold and the test encodings coloured by label."""
+    folder = Path(getattr(folder, "path", folder))
+    vae.eval()
+    plot_elbo_curves(metrics, folder / "elbo.png")
+    x, _ = next(test_batches.eval_batches())
+    plot_reconstructions(x[:32].cpu(), vae.reconstruct(x[:32]).cpu(), folder / "reconstructions.png")
+    with seeded(vae.prior_loc.device, seed):
+        plot_image_grid(vae.generate(64).cpu(), folder / "samples.png", title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
+    if vae.z_dim == 2:
+        decode = lambda z: vae.likelihood(vae.decoder(z.to(vae.prior_loc))).mean.reshape(z.shape[0], -1).cpu()
+        plot_latent_manifold(decode, folder / "manifold.png")
+        codes = torch.cat([vae.encoder(xb)[0].cpu() for xb, _ in test_batches.eval_batches()])
+        names = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else None
+        plot_latent_scatter(codes, test_batches.labels.cpu(), folder / "latent_scatter.png", class_names=names)

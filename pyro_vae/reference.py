@@ -1,8 +1,15 @@
-"""A hand-written ELBO in plain PyTorch, independent of Pyro: the yardstick for tests and benchmarks.
+"""A hand-written ELBO in plain PyTorch, independent of Pyro and of :mod:`pyro_vae.likelihoods`:
+the yardstick for tests and benchmarks.
 
-``ELBO(x) = (1/L) sum_l log p(x | z_l) - KL(q(z|x) || p(z))``, ``z_l = loc + scale * eps_l``
-(Kingma & Welling 2013, eq. 10), with the Gaussian KL of their Appendix B and each
-log-likelihood written out from its formula.
+``ELBO(x) = (1/L) sum_l log p(x | z_l) - beta KL(q(z|x) || p(z))``, ``z_l = loc + scale * eps_l``
+(Kingma & Welling 2013, eq. 10), with the Gaussian KL of their Appendix B. Each log-likelihood is
+written out here from its formula, reading only the decoder's raw outputs and the likelihood's
+parameters, never the library's own ``split``, ``scale`` or normalizer code:
+
+* Bernoulli: ``x eta - softplus(eta)`` per pixel.
+* Continuous Bernoulli: that plus ``log C``, ``1/C = int_0^1 lam^x (1 - lam)^(1-x) dx =
+  (2 lam - 1) / eta`` (Loaiza-Ganem & Cunningham 2019, eq. 3, integrated directly).
+* Normal: ``-(x - mu)^2 / (2 s^2) - log s - log(2 pi) / 2``, ``s = softplus(raw) + MIN_SCALE`` when learned.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .likelihoods import Bernoulli, ContinuousBernoulli, Likelihood, Normal, continuous_bernoulli_log_normalizer
+from .networks import MIN_SCALE
 
 
 def gaussian_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -20,27 +27,51 @@ def gaussian_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return 0.5 * (scale.pow(2) + loc.pow(2) - 1 - 2 * scale.log()).sum(-1)
 
 
-def reference_log_likelihood(likelihood: Likelihood, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``log p(x|z)`` summed over pixels, from the textbook formulas; shape ``params.shape[:-event_ndim]``."""
-    parts = likelihood.split(params)
-    x = x.expand_as(parts[0])
-    if isinstance(likelihood, (Bernoulli, ContinuousBernoulli)):
-        per_pixel = -F.binary_cross_entropy_with_logits(parts[0], x, reduction="none")
-        if isinstance(likelihood, ContinuousBernoulli):
-            per_pixel = per_pixel + continuous_bernoulli_log_normalizer(parts[0])
-    elif isinstance(likelihood, Normal):
-        loc, s = parts[0], likelihood.scale(*parts[1:])
-        per_pixel = -(x - loc).pow(2) / (2 * s.pow(2)) - s.log() - 0.5 * math.log(2 * math.pi)
+def continuous_bernoulli_log_c(eta: torch.Tensor) -> torch.Tensor:
+    """``log C(eta) = log(eta / (2 sigmoid(eta) - 1))``, evaluated in float64; ``C -> 2`` as ``eta -> 0``
+    (second-order Taylor term ``eta^2 / 12`` below ``|eta| = 1e-3``)."""
+    e = eta.double()
+    small = e.abs() < 1e-3
+    safe = torch.where(small, torch.ones_like(e), e)
+    exact = torch.log(safe / (2 * torch.sigmoid(safe) - 1))
+    return torch.where(small, math.log(2.0) + e.pow(2) / 12, exact).to(eta.dtype)
+
+
+def _normal_scale(likelihood, raw: torch.Tensor) -> torch.Tensor:
+    mode = likelihood.scale_mode
+    if mode == "fixed":
+        return likelihood.fixed_scale
+    if mode == "decoder":
+        return F.softplus(raw) + MIN_SCALE
+    return (F.softplus(likelihood.raw_scale) + MIN_SCALE).flatten()  # shared: one value; pixel: (d,)
+
+
+def reference_log_likelihood(likelihood, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``log p(x|z)`` summed over pixels from the textbook formulas; ``params`` are the decoder's raw
+    outputs ``(..., num_params * C, *rest)``; returns shape ``params.shape[:-event_ndim]``."""
+    kind = type(likelihood).__name__
+    event_ndim = len(likelihood.x_shape)
+    d = math.prod(likelihood.x_shape)
+    flat = params.flatten(-event_ndim)  # the first d outputs parametrize the pixels, the next d the scale
+    first, second = flat[..., :d], flat[..., d : 2 * d]
+    x = x.flatten(-event_ndim).expand_as(first)
+    if kind in ("BernoulliLikelihood", "ContinuousBernoulliLikelihood"):
+        per_pixel = x * first - F.softplus(first)
+        if kind == "ContinuousBernoulliLikelihood":
+            per_pixel = per_pixel + continuous_bernoulli_log_c(first)
+    elif kind == "NormalLikelihood":
+        s = _normal_scale(likelihood, second)
+        per_pixel = -(x - first).pow(2) / (2 * s.pow(2)) - s.log() - 0.5 * math.log(2 * math.pi)
     else:
-        raise TypeError(f"no reference formula for {type(likelihood).__name__}")
-    return per_pixel.flatten(-likelihood.event_ndim).sum(-1)
+        raise TypeError(f"no reference formula for {kind}")
+    return per_pixel.sum(-1)
 
 
-def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1) -> torch.Tensor:
-    """Per-datapoint ELBO, shape ``(N,)``, differentiable; ``eps`` is drawn as one
-    ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are."""
+def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0) -> torch.Tensor:
+    """Per-datapoint ``ELBO_beta``, shape ``(N,)``, differentiable, ``beta = kl_weight``; ``eps`` is
+    drawn as one ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are."""
     loc, scale = vae.encoder(x)
     eps = torch.empty((num_particles, *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
     z = loc + scale * eps
     reconstruction = reference_log_likelihood(vae.likelihood, vae.decoder(z), x).mean(0)
-    return reconstruction - vae.kl_scale * gaussian_kl(loc, scale)
+    return reconstruction - kl_weight * gaussian_kl(loc, scale)

@@ -19,7 +19,8 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 import pyro_vae.data
 from pyro_vae import VAE, ConfigError
-from pyro_vae.compare import compare_estimators, format_table, gradient_stats, linear_gaussian_vae, plot_comparison, write_csv
+from pyro_vae.compare import compare_estimators, format_table, gradient_stats, plot_comparison, write_csv
+from pyro_vae.linear_gaussian import linear_gaussian_vae
 
 from .conftest import binary_batch
 from .idx_files import write_dataset

@@ -11,12 +11,11 @@ from pyro_vae.data import (
     BINARIZATIONS,
     SYSTEM_DATA_DIRS,
     DeviceBatches,
-    check_binarization,
-    default_binarization,
     load_dataset,
     read_idx,
 )
 from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.likelihoods import likelihood_class
 
 from .idx_files import N_TEST, N_TRAIN, fake_arrays, write_dataset, write_idx
 
@@ -99,12 +98,51 @@ def test_read_idx_corrupt_files_raise_data_error_naming_file(tmp_path, corrupt, 
 # --- load_dataset --------------------------------------------------------------------------
 
 
-def test_load_torchvision_layout_with_real_torchvision_class(tmp_path):
+def test_torchvision_layout_reads_what_the_real_torchvision_class_reads(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
     arrays = write_dataset(tmp_path / "FashionMNIST" / "raw", gz=False)
-    ds = load_dataset("fashion_mnist", data_dir=tmp_path)
+    ds = load_dataset("fashion-mnist", data_dir=tmp_path)
     assert_matches(ds, arrays)
-    assert ds.name == "fashion_mnist"
-    assert "torchvision" in ds.source and str(tmp_path / "FashionMNIST" / "raw") in ds.source
+    assert ds.name == "fashion_mnist" and str(tmp_path / "FashionMNIST" / "raw") in ds.source
+    for train in (True, False):  # torchvision's own loader, as a yardstick, reads the same arrays
+        theirs = torchvision.datasets.FashionMNIST(root=str(tmp_path), train=train, download=False)
+        split = "train" if train else "test"
+        assert torch.equal(theirs.data, getattr(ds, f"{split}_images")) and torch.equal(theirs.targets, getattr(ds, f"{split}_labels"))
+
+
+def test_an_explicit_data_dir_is_used_or_refused_never_replaced(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    write_dataset(system, gz=True)
+    monkeypatch.setitem(SYSTEM_DATA_DIRS, "fashion_mnist", (system,))
+    assert str(system) in load_dataset("fashion_mnist", data_dir=None).source
+    for wrong in (tmp_path / "misspelled", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(DataError, match="not found") as info:
+            load_dataset("fashion_mnist", data_dir=wrong)
+        assert str(system) not in str(info.value)
+    with pytest.raises(DataError, match="empty"):
+        load_dataset("fashion_mnist", data_dir="  ")
+
+
+def test_a_relative_data_dir_is_resolved_and_the_fingerprint_names_the_content(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "plain", gz=False, seed=1)
+    write_dataset(tmp_path / "gz", gz=True, seed=1)
+    write_dataset(tmp_path / "other", gz=False, seed=2)
+    monkeypatch.chdir(tmp_path)
+    plain = load_dataset("mnist", data_dir="plain")
+    assert str(tmp_path / "plain") in plain.source
+    assert plain.fingerprint() == load_dataset("mnist", data_dir="gz").fingerprint()
+    assert plain.fingerprint() != load_dataset("mnist", data_dir="other").fingerprint()
+
+
+def test_a_gzip_bomb_is_refused_from_its_header_before_allocating(tmp_path):
+    import gzip
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + (4_000_000).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    path.write_bytes(gzip.compress(header + bytes(1 << 20)))
+    with pytest.raises(DataError, match="announces"):
+        read_idx(path)
 
 
 def test_torchvision_layout_with_corrupt_file_names_it(tmp_path):
@@ -150,8 +188,9 @@ def test_missing_dataset_lists_places_and_remedies(tmp_path):
 def test_missing_fashion_mnist_mentions_debian_package(tmp_path, monkeypatch):
     nowhere = tmp_path / "no-system-dir"
     monkeypatch.setitem(SYSTEM_DATA_DIRS, "fashion_mnist", (nowhere,))
+    monkeypatch.setenv("PYRO_VAE_DATA", str(tmp_path))
     with pytest.raises(DataError) as info:
-        load_dataset("fashion_mnist", data_dir=tmp_path)
+        load_dataset("fashion_mnist")
     message = str(info.value)
     assert str(nowhere) in message and str(tmp_path) in message
     assert "--download" in message and "apt-get install dataset-fashion-mnist" in message
@@ -316,19 +355,19 @@ def test_rejects_bad_inputs():
 # --- likelihood / binarization pairing -------------------------------------------------------
 
 
-def test_default_binarization():
-    assert default_binarization("bernoulli") == "dynamic"
-    assert default_binarization("continuous_bernoulli") == "none"
-    assert default_binarization("normal") == "none"
+def test_each_likelihood_owns_its_default_binarization():
+    assert likelihood_class("bernoulli").default_binarization == "dynamic"
+    assert likelihood_class("continuous_bernoulli").default_binarization == "none"
+    assert likelihood_class("normal").default_binarization == "none"
 
 
-def test_check_binarization_refuses_bernoulli_on_continuous_pixels():
+def test_the_bernoulli_likelihood_refuses_continuous_pixels():
     with pytest.raises(DataError) as info:
-        check_binarization("bernoulli", "none")
+        likelihood_class("bernoulli").check_binarization("none")
     message = str(info.value)
     assert "--binarize" in message and "continuous_bernoulli" in message and "normal" in message
     for binarization in BINARIZATIONS[1:]:
-        check_binarization("bernoulli", binarization)
+        likelihood_class("bernoulli").check_binarization(binarization)
     for binarization in BINARIZATIONS:
-        check_binarization("normal", binarization)
-        check_binarization("continuous_bernoulli", binarization)
+        likelihood_class("normal").check_binarization(binarization)
+        likelihood_class("continuous_bernoulli").check_binarization(binarization)

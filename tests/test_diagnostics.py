@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.distributions import Normal, Pareto, kl_divergence
 
-from pyro_vae import VAE, reference_elbo
+from pyro_vae import VAE
+from pyro_vae.reference import reference_elbo
 from pyro_vae.diagnostics import (
     active_units,
     elbo_terms,
@@ -157,7 +158,6 @@ def chunk_means(draw, chunks=20):
 
 
 def test_elbo_terms_add_up_and_agree_with_the_reference_elbo(vae, x):
-    vae.kl_scale = 0.3  # ignored: the terms are those of the true ELBO
     torch.manual_seed(0)
     terms = elbo_terms(vae, x, num_particles=4)
     assert all(t.shape == (BATCH,) and not t.requires_grad for t in terms.values())
@@ -165,7 +165,6 @@ def test_elbo_terms_add_up_and_agree_with_the_reference_elbo(vae, x):
     loc, scale = vae.encoder(x)
     torch.testing.assert_close(terms["kl"], kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).sum(-1).detach())
 
-    vae.kl_scale = 1.0
     mean, se = chunk_means(lambda: elbo_terms(vae, x, num_particles=1000)["elbo"])
     with torch.no_grad():
         ref_mean, ref_se = chunk_means(lambda: reference_elbo(vae, x, num_particles=1000))
@@ -184,9 +183,9 @@ def test_elbo_terms_average_to_log_px_under_the_exact_posterior():
 
 
 METRICS = [
-    {"epoch": 1, "train_elbo": -14.0, "test_elbo": -14.5, "skipped_steps": 0, "kl_scale": 0.5},
-    {"epoch": 2, "train_elbo": -12.0, "test_elbo": -12.8, "skipped_steps": 1, "kl_scale": 1.0},
-    {"epoch": 3, "train_elbo": -11.5, "test_elbo": -12.1, "skipped_steps": 0, "kl_scale": 1.0},
+    {"epoch": 1, "train_elbo": -14.0, "test_elbo": -14.5, "skipped_steps": 0, "kl_weight": 0.5},
+    {"epoch": 2, "train_elbo": -12.0, "test_elbo": -12.8, "skipped_steps": 1, "kl_weight": 1.0},
+    {"epoch": 3, "train_elbo": -11.5, "test_elbo": -12.1, "skipped_steps": 0, "kl_weight": 1.0},
 ]
 DRAWS, K = 40, 200
 
@@ -224,7 +223,7 @@ def test_inference_data_has_the_documented_groups_dims_and_values(vae, x, idata_
     np.testing.assert_array_equal(idata.importance_sampling["pareto_k"].values, pareto_k(log_w))
     assert idata.importance_sampling.attrs["num_samples"] == K
     np.testing.assert_array_equal(idata.training["epoch"].values, [1, 2, 3])
-    assert list(idata.training.data_vars) == ["train_elbo", "test_elbo", "skipped_steps", "kl_scale"]
+    assert list(idata.training.data_vars) == ["train_elbo", "test_elbo", "skipped_steps", "kl_weight"]
     np.testing.assert_array_equal(idata.training["train_elbo"].values, [-14.0, -12.0, -11.5])
 
 

@@ -39,7 +39,8 @@ from pyro import poutine
 from pyro_vae import VAE, make_elbo
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.distributed import Distributed, DistributedError, GlobalBatchNoise, shutdown
-from pyro_vae.train import TrainConfig, Trainer, train
+from pyro_vae import TrainConfig
+from pyro_vae.train import Trainer, train
 
 from .idx_files import write_dataset
 
@@ -57,7 +58,8 @@ DRIVER = """
 import json, sys
 import torch
 from pyro_vae import distributed
-from pyro_vae.train import TrainConfig, Trainer
+from pyro_vae import TrainConfig
+from pyro_vae.train import Trainer
 
 config, run_dir, out, poison = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 trainer = Trainer(TrainConfig(**config), run_dir, progress=False)
@@ -149,7 +151,7 @@ def assert_close_to_single_process(job: Path, single_metrics, single_state):
             torch.testing.assert_close(saved["optimizer"]["state"][i][k], moments[k], rtol=0, atol=TOLERANCE * scale, msg=f"{i} {k}")
     assert len(ranks[0]["metrics"]) == len(single_metrics) == CONFIG["epochs"]
     for ours, theirs in zip(ranks[0]["metrics"], single_metrics):
-        assert ours["skipped_steps"] == theirs["skipped_steps"] and ours["kl_scale"] == theirs["kl_scale"]
+        assert ours["skipped_steps"] == theirs["skipped_steps"] and ours["kl_weight"] == theirs["kl_weight"]
         for k in ("train_elbo", "test_elbo"):
             assert ours[k] == pytest.approx(theirs[k], rel=TOLERANCE, abs=0), k
     assert saved["metrics"] == ranks[0]["metrics"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_vae import DataError, make_likelihood
-from pyro_vae.likelihoods import Normal
+from pyro_vae import DataError
+from pyro_vae.likelihoods import NormalLikelihood as Normal, make_likelihood
 from pyro_vae.likelihoods import continuous_bernoulli_log_normalizer
 
 D = 50

@@ -12,7 +12,7 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from pyro_vae import make_elbo
-from pyro_vae.compare import linear_gaussian_exact, linear_gaussian_vae
+from pyro_vae.linear_gaussian import linear_gaussian_exact, linear_gaussian_vae
 
 X_DIM, Z_DIM, SIGMA = 5, 2, 0.5
 Z = 4.0

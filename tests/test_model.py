@@ -6,7 +6,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Predictive
 
-from pyro_vae import VAE, ConfigError, DataError, make_elbo
+from pyro_vae import VAE, ConfigError, DataError, kl_weighted, make_elbo
 from pyro_vae.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 from .conftest import binary_batch, continuous_batch
@@ -37,7 +37,7 @@ def test_trace_has_the_contracted_sites_plate_and_shapes(architecture):
         assert (frame.name, frame.dim, frame.size) == ("data", -1, B)
     assert torch.equal(guide_trace.nodes["z"]["value"], z["value"])
     params = set(pyro.get_param_store().keys())
-    assert any(p.startswith("encoder$$$") for p in params) and any(p.startswith("decoder$$$") for p in params)
+    assert any(p.startswith(f"{vae.name}.encoder$$$") for p in params) and any(p.startswith(f"{vae.name}.decoder$$$") for p in params)
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
@@ -90,7 +90,7 @@ def test_num_data_scales_a_minibatch_to_the_dataset_size():
     assert data_loss == pytest.approx(10 * batch_loss, rel=1e-6)
 
 
-def test_poutine_scale_and_kl_scale_compose():
+def test_poutine_scale_and_kl_weight_compose():
     vae, x = small_vae(), batch()
     elbo = make_elbo("meanfield", 1)
     pyro.set_rng_seed(2)
@@ -98,16 +98,16 @@ def test_poutine_scale_and_kl_scale_compose():
     pyro.set_rng_seed(2)
     doubled = elbo.loss(poutine.scale(vae.model, 2.0), poutine.scale(vae.guide, 2.0), x)
     assert doubled == pytest.approx(2 * base, rel=1e-6)
-    # kl_scale moves the loss by (kl_scale - 1) * KL: zero KL weight leaves the reconstruction
+    # a KL weight b moves the loss by (b - 1) * KL: zero KL weight leaves the reconstruction
     loc, scale = vae.encoder(x)
     kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0, 1)).sum().item()
-    vae.kl_scale = 0.0
     pyro.set_rng_seed(2)
-    assert elbo.loss(vae.model, vae.guide, x) == pytest.approx(base - kl, rel=1e-5)
-    trace = poutine.trace(vae.model).get_trace(x)
-    assert trace.nodes["z"]["mask"] is False and trace.nodes["x"]["scale"] == 1.0
-    vae.kl_scale = 0.5
-    assert poutine.trace(vae.model).get_trace(x).nodes["z"]["scale"] == 0.5
+    assert elbo.loss(kl_weighted(vae.model, 0.0), kl_weighted(vae.guide, 0.0), x) == pytest.approx(base - kl, rel=1e-5)
+    trace = poutine.trace(kl_weighted(vae.model, 0.0)).get_trace(x)
+    assert trace.nodes["z"]["scale"] == 0.0 and trace.nodes["z"]["mask"] is None and trace.nodes["x"]["scale"] == 1.0
+    assert poutine.trace(kl_weighted(vae.model, 0.5)).get_trace(x).nodes["z"]["scale"] == 0.5
+    # the model itself is never weighted
+    assert poutine.trace(vae.model).get_trace(x).nodes["z"]["scale"] == 1.0
 
 
 @pytest.mark.parametrize("estimator", ["trace", "meanfield", "iwae"])

@@ -18,7 +18,8 @@ from pyro.infer import SVI
 from pyro_vae import VAE, ConfigError, DataError, make_elbo
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.cli import main
-from pyro_vae.train import NumericalError, TrainConfig, Trainer
+from pyro_vae import NumericalError, TrainConfig
+from pyro_vae.train import Trainer
 
 from .idx_files import write_dataset
 

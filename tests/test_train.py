@@ -13,7 +13,8 @@ import torch
 
 from pyro_vae import ConfigError
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.train import TrainConfig, Trainer, load_run, train
+from pyro_vae import TrainConfig, load_run
+from pyro_vae.train import Trainer, train
 
 from .idx_files import write_dataset
 
@@ -37,7 +38,8 @@ def test_a_run_leaves_config_metrics_checkpoint_and_figures(tmp_path, data_dir):
     assert read_metrics(tmp_path / "run") == metrics and [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["skipped_steps"] == 0 and m["test_elbo"] < 0 for m in metrics)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["z_dim"] == 2
-    config, vae, saved = load_run(tmp_path / "run", "cpu")
+    run = load_run(tmp_path / "run", "cpu")
+    config, vae, saved = run.config, run.vae, run.metrics
     assert config.z_dim == 2 and saved == metrics and not vae.training
 
 

@@ -1,0 +1,23 @@
+"""The names the library and the command line accept, in one module that imports nothing heavy,
+so that ``pyro-vae --help`` answers without loading torch. """
+
+from .errors import DataError
+
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal")
+NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
+ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
+ARCHITECTURES = ("mlp", "conv")
+ACTIVATIONS = ("softplus", "relu", "tanh", "elu")
+BINARIZATIONS = ("none", "threshold", "static", "dynamic")
+BACKENDS = ("auto", "nccl", "gloo")
+DEFAULT_TIMEOUT_S = 600.0  # how long a rank of a distributed run waits for the others
+
+
+def dataset_name(name: str) -> str:
+    """The canonical name of a supported dataset (``fashion-mnist`` and ``Fashion_MNIST`` are
+    ``fashion_mnist``); :class:`~pyro_vae.errors.DataError` listing the valid names otherwise."""
+    canonical = str(name).strip().lower().replace("-", "_")
+    if canonical not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (fashion-mnist is accepted too)")
+    return canonical

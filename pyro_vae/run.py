@@ -1,0 +1,253 @@
+"""A training run and its folder: the configuration that defines it, the files that hold it, the
+lock that keeps one writer at a time, and loading a saved run back.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one strict-JSON line per epoch),
+``checkpoint.pt`` (model, optimizer, RNG state, metrics, and the fingerprint of the data it was
+trained on) and figures. Every file is replaced atomically (:mod:`pyro_vae.checkpoint`): written
+to a temporary file in the folder and renamed over the target, so a kill at any moment leaves the
+old or the new file, and a symlink in the folder is replaced, never followed. A writer holds an
+exclusive OS lock on ``.lock`` (released by the OS when the process dies), so a second writer is
+refused with the first one's process id instead of corrupting its files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint, write_atomic
+from .config import TrainConfig
+from .data import DeviceBatches, ImageDataset, load_dataset
+from .errors import ConfigError, DataError
+from .model import VAE
+from .runtime import resolve_device
+
+def build_vae(config: TrainConfig) -> VAE:
+    """The (untrained) VAE a config describes."""
+    return VAE(
+        x_dim=784,
+        z_dim=config.z_dim,
+        likelihood=config.likelihood,
+        normal_scale=config.normal_scale,
+        architecture=config.architecture,
+        hidden=config.hidden,
+        activation=config.activation,
+    )
+
+
+def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device: torch.device) -> DeviceBatches:
+    """The ``"train"`` or ``"test"`` split as the run sees it: its size limit, batch size,
+    binarization, seed and image layout (the train split shuffled)."""
+    limit = config.max_train if split == "train" else config.max_test
+    images, labels = getattr(dataset, f"{split}_images")[:limit], getattr(dataset, f"{split}_labels")[:limit]
+    return DeviceBatches(images, labels, config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=split == "train", flatten=config.architecture == "mlp", device=device)
+
+
+def data_identity(dataset: ImageDataset) -> dict[str, str]:
+    """What a checkpoint records of its data: where it was read and its content fingerprint."""
+    return {"source": dataset.source, "fingerprint": dataset.fingerprint()}
+
+
+def check_same_data(run_path: Path, saved: dict[str, Any], found: dict[str, str], allow_different_data: bool) -> None:
+    """Refuse data whose fingerprint differs from the run's, unless ``allow_different_data``."""
+    if saved.get("fingerprint") == found["fingerprint"] or allow_different_data:
+        return
+    raise DataError(
+        f"{run_path} was trained on other data ({saved.get('source')}, fingerprint {saved.get('fingerprint')}) than what was "
+        f"found now ({found['source']}, fingerprint {found['fingerprint']}); pass --data-dir with the run's data, or "
+        "--allow-different-data to use these"
+    )
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        pid = lock_path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+class RunFolder:
+    """The files of one run: where they are, how they are written, who may write them."""
+
+    CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", ".lock"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @contextlib.contextmanager
+    def locked(self, doing: str = "write to it") -> Iterator["RunFolder"]:
+        """Hold the folder's exclusive lock (``flock`` on ``.lock``, freed when the process dies);
+        :class:`ConfigError` naming the holder if another process has it. Creates the folder."""
+        if self._lock_fd is not None:  # already held by this object
+            yield self
+            return
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot {doing} in {self.path}: {e.strerror or e}; choose a folder you can write to") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"run folder {self.path} is in use by {_holder(self.path / self.LOCK)}; wait for it to finish or stop it, then try again") from e
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        try:
+            self.remove_temporary_files()  # ours to clean: no live writer can own them now
+            yield self
+        except BaseException:
+            if created and [p.name for p in self.path.iterdir()] == [self.LOCK]:
+                (self.path / self.LOCK).unlink()  # a folder made for a run that never started
+                self.path.rmdir()
+            raise
+        finally:
+            self._lock_fd = None
+            os.close(fd)  # releases the lock
+
+    def remove_temporary_files(self) -> None:
+        """Temporary files left by a writer that was killed mid-write (only call with the lock held)."""
+        for leftover in self.path.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    def write_text(self, name: str, text: str) -> Path:
+        write_atomic(self.path / name, text)
+        return self.path / name
+
+    def write_with(self, name: str, write: Callable[[Path], None]) -> Path:
+        """Let ``write(tmp_path)`` produce a file, then rename it over ``name`` atomically."""
+        replace_atomically(self.path / name, write)
+        return self.path / name
+
+    def write_config(self, config: TrainConfig) -> None:
+        self.write_text(self.CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
+        """``metrics.jsonl``, strict JSON: a non-finite number is written as ``null``."""
+        self.write_text(self.METRICS, "".join(json.dumps(strict_json(row), allow_nan=False) + "\n" for row in metrics))
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        save_checkpoint(state, self.checkpoint_path)
+
+    def load_state(self) -> dict[str, Any]:
+        """The checkpoint, checked against :func:`check_state`; :class:`ConfigError` if absent or damaged."""
+        if not self.checkpoint_path.is_file():
+            if (self.path / self.CONFIG).exists():
+                raise ConfigError(f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it again without --resume")
+            raise ConfigError(f"{self.path} holds no {self.CHECKPOINT}; pass the folder a 'pyro-vae train' run wrote")
+        state = load_checkpoint(self.checkpoint_path)
+        check_state(state, self.checkpoint_path)
+        return state
+
+    def mark_evaluation_stale(self, epochs: int) -> None:
+        """Flag an ``evaluation.json`` that describes an earlier checkpoint than the one of ``epochs``."""
+        path = self.path / "evaluation.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(record, dict) and record.get("epochs", epochs) < epochs and not record.get("stale"):
+            record["stale"] = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+            self.write_text("evaluation.json", json.dumps(record, indent=2) + "\n")
+
+    def is_fresh_for(self, config: TrainConfig) -> bool:
+        """Absent, empty, or holding only this very config (a run stopped before its first
+        checkpoint, with nothing to lose by starting it again)."""
+        if not self.path.exists():
+            return True
+        contents = sorted(p.name for p in self.path.iterdir() if not p.name.endswith(".tmp") and p.name != self.LOCK)
+        if not contents:
+            return True
+        if contents != [self.CONFIG]:
+            return False
+        try:
+            return json.loads((self.path / self.CONFIG).read_text()) == config.to_dict()
+        except (ValueError, OSError):
+            return False
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+STATE_KEYS = {"config": dict, "model": dict, "optimizer": dict, "rng": dict, "metrics": list, "data": dict}
+
+
+def check_state(state: Any, path: Path) -> None:
+    """Refuse a checkpoint whose layout is not the one :class:`~pyro_vae.train.Trainer` writes."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} is not a pyro-vae checkpoint (it holds a {type(state).__name__}, not a mapping)")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise ConfigError(f"{path} is not a complete pyro-vae checkpoint ({key!r} missing or not a {kind.__name__}); the run folder is damaged: train again")
+    if not all(isinstance(t, torch.Tensor) and torch.isfinite(t).all() for t in state["model"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        raise ConfigError(f"{path} holds non-finite model weights; the run diverged or the file is damaged: train again with a lower --lr")
+    if not isinstance(state["rng"].get("torch"), torch.Tensor):
+        raise ConfigError(f"{path} has no saved random-number state; the run folder is damaged: train again")
+
+
+@dataclasses.dataclass
+class SavedRun:
+    """A run as saved: its configuration, trained VAE (eval mode), per-epoch metrics and the
+    fingerprint of the data it was trained on."""
+
+    folder: RunFolder
+    config: TrainConfig
+    vae: VAE
+    metrics: list[dict[str, Any]]
+    data: dict[str, Any]
+
+    def test_split(self, data_dir: str | None = None, allow_different_data: bool = False) -> DeviceBatches:
+        """The run's test split on the VAE's device, from its own data folder or ``data_dir``;
+        refused if the data are not those the run was trained on (unless ``allow_different_data``)."""
+        dataset = load_dataset(self.config.dataset, data_dir if data_dir is not None else self.config.data_dir, self.config.download)
+        check_same_data(self.folder.path, self.data, data_identity(dataset), allow_different_data)
+        return split_batches(self.config, dataset, "test", self.vae.prior_loc.device)
+
+
+def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
+    """The VAE of ``config`` with ``weights``; :class:`ConfigError` if they do not fit it."""
+    vae = build_vae(config)
+    try:
+        vae.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{source} holds weights that do not fit its own configuration ({str(e).splitlines()[0]}); the run folder is damaged: train again") from e
+    return vae
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto") -> SavedRun:
+    """The saved run in ``run_dir``, its VAE on ``device`` in eval mode."""
+    folder = RunFolder(run_dir)
+    state = folder.load_state()
+    config = TrainConfig.from_dict(state["config"], f"the configuration in {folder.checkpoint_path}")
+    vae = load_vae(config, state["model"], folder.checkpoint_path).to(resolve_device(device)).eval()
+    return SavedRun(folder, config, vae, state["metrics"], state["data"])

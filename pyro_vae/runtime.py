@@ -1,0 +1,66 @@
+"""Where code runs and which random stream it draws from: device resolution and RNG state.
+
+Training's latent draws come from torch's global generators (CPU and, on a GPU, CUDA). A
+checkpoint keeps their state (:func:`rng_state`), so a resumed run draws exactly what the
+uninterrupted run would have; evaluation and figures draw inside :func:`seeded`, which leaves that
+stream untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"``: the GPU (``cuda:local_rank``) when there is one, else the CPU; otherwise the named
+    device, refused with :class:`ConfigError` if it cannot be used here."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if name in ("auto", "cuda"):
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu or auto")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
+                "under torchrun start at most one process per GPU (--nproc_per_node)"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's generator states (CPU, and every GPU's), for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (GPU states only where there are GPUs)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Draw from ``seed`` and leave the training RNG stream (CPU and ``device``) as it was, so that
+    evaluation and figures never change what training draws next (exact resumes need that)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
