@@ -38,11 +38,11 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from pyro_vae import distributed
     from pyro_vae import TrainConfig
-from pyro_vae.train import Trainer
+    from pyro_vae.train import Trainer
 
     config = TrainConfig(batch_size=args.batch_size, max_train=args.batch_size * (args.warmup + args.steps * args.windows), max_test=args.batch_size, device=args.device, data_dir=args.data_dir)
     trainer = Trainer(config, args.run_dir, progress=False)
-    d = trainer.dist
+    d = trainer.parallel if trainer.parallel.world_size > 1 else None
     sync = (lambda: torch.cuda.synchronize(trainer.device)) if trainer.device.type == "cuda" else (lambda: None)
     batches = trainer.train_batches.epoch(0)  # global batches, as every rank iterates them
     for _ in range(args.warmup):

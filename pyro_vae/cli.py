@@ -82,7 +82,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--download", action="store_true", help="download the data with torchvision if it is not found (needs internet; default off)")
     a("--likelihood", choices=LIKELIHOODS, help=f"observation model p(x|z) (default {d.likelihood})")
     a("--normal-scale", type=normal_scale, help="for --likelihood normal: shared, pixel, decoder or a fixed positive number (default shared)")
-    a("--binarize", choices=BINARIZATIONS, help="pixel binarization (default: dynamic for bernoulli, none otherwise)")
+    a("--mixture-components", type=positive_int, help=f"for --likelihood discretized_logistic_mixture: logistics per pixel (default {d.mixture_components})")
+    a("--binarize", choices=BINARIZATIONS, help="pixel preparation: binarization, none (the 8-bit levels) or dequantize (k + u)/256 for density likelihoods (default: dynamic for bernoulli, none otherwise)")
     a("--architecture", choices=ARCHITECTURES, help=f"encoder/decoder networks (default {d.architecture})")
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
     a("--activation", choices=ACTIVATIONS, help=f"hidden-layer nonlinearity (default {d.activation})")
@@ -166,6 +167,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     bits = "" if result.bits_per_dim is None else f" ({result.bits_per_dim:.4f} bits/dim on {'binarized' if result.data_kind == 'binary' else '8-bit'} pixels)"
     kind = " (a density on continuous pixels, not a probability: no bits/dim)" if result.data_kind == "density" else ""
     print(f"test log p(x)        {ll.mean():.2f} +- {ll.mean_standard_error():.2f} nats/image, K={ll.num_samples}{bits}{kind}")
+    if result.dequantized is not None:
+        print(f"dequantized bound    log P(x) >= {summary['dequantized_log_likelihood']:.2f} +- {summary['dequantized_log_likelihood_se']:.2f} nats/image ({summary['dequantized_bits_per_dim']:.4f} bits/dim on 8-bit pixels)")
     print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
     if ll.warning():
         print(f"warning: {ll.warning()}")

@@ -21,6 +21,7 @@ class TrainConfig:
     dataset: str = "fashion_mnist"
     likelihood: str = "bernoulli"
     normal_scale: str | float = "shared"
+    mixture_components: int = 5  # for the discretized_logistic_mixture likelihood
     binarize: str | None = None  # None: the likelihood's default (dynamic for bernoulli, else none)
     architecture: str = "mlp"
     hidden: tuple[int, ...] = (400,)

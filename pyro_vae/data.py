@@ -220,9 +220,11 @@ class DeviceBatches:
     Images are stored as uint8 on ``device`` and converted per batch to float32 in [0, 1],
     shaped (B, H*W) if ``flatten`` else (B, 1, H, W). ``epoch(e)`` is a function of
     ``(seed, e)`` only: the permutation and the dynamic-binarization draws come from fresh
-    generators seeded from them. Binarizations: "none" keeps intensities; "threshold" is
-    x > 0.5; "static" is one Bernoulli draw made here from ``seed``; "dynamic" draws anew
-    for every batch of every epoch.
+    generators seeded from them. Preparations: "none" keeps the 8-bit levels ``k / 255``;
+    "threshold" is x > 0.5; "static" is one Bernoulli draw made here from ``seed``; "dynamic"
+    draws anew for every batch of every epoch; "dequantize" gives ``(k + u) / 256``, ``u ~ U[0, 1)``
+    drawn anew for every batch (Theis et al. 2016: training a density on dequantized pixels
+    maximizes a bound on the probability of the 8-bit data).
     """
 
     def __init__(
@@ -267,10 +269,29 @@ class DeviceBatches:
 
     def _pixels(self, index: torch.Tensor | slice, generator: torch.Generator | None) -> torch.Tensor:
         """Float32 pixels of the selected images, binarized and shaped."""
-        x = self._images[index].float() / self._scale
+        images = self._images[index]
+        if self.binarization == "dequantize":
+            u = torch.rand(images.shape, generator=generator, device=images.device)
+            x = (images.float() + u) / 256.0
+        else:
+            x = images.float() / self._scale
         if self.binarization == "dynamic":
             x = torch.bernoulli(x, generator=generator)
+        return self._shaped(x)
+
+    def _shaped(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) if self.flatten else x.unsqueeze(1)
+
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the split still holds the 8-bit levels (not binarized)."""
+        return self.binarization in ("none", "dequantize")
+
+    def levels(self) -> torch.Tensor:
+        """The whole split's 8-bit levels ``k / 255`` in stored order (not binarized, not dequantized)."""
+        if not self.eight_bit:
+            raise DataError(f"a {self.binarization}-binarized split has no 8-bit levels")
+        return self._shaped(self._images.float() / 255.0)
 
     def epoch(self, epoch_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(pixels, labels)`` minibatches; a function of ``(seed, epoch_index)`` only."""

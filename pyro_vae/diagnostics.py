@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from os import PathLike
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyro
@@ -27,6 +27,9 @@ from torch.distributions import kl_divergence
 
 from .checkpoint import replace_atomically
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import arviz as az
 
 # Pareto k-hat thresholds of Vehtari et al.: above K_OK the importance-sampled estimate is unreliable.
 K_GOOD, K_OK = 0.5, 0.7

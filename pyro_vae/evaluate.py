@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
+from .discretized import dequantized_log_likelihood_bound
 from .errors import ConfigError
 from .estimators import DataPlateIWELBO, make_elbo
 from .runtime import seeded
@@ -148,6 +149,11 @@ class Evaluation:
     data_kind: str  # what log p(x) is of: see pyro_vae.likelihoods.Likelihood.data_kind
     pixels: int
     log_weights: torch.Tensor  # (K, n) of the first n test images, for the ArviZ export
+    dequantized: torch.Tensor | None = None  # per image, for a density on 8-bit data: a bound on log P(x)
+
+    def dequantized_bits_per_dim(self) -> float | None:
+        """bits/dim of the dequantized bound: comparable with the discretized likelihoods' bits/dim."""
+        return None if self.dequantized is None else -self.dequantized.mean().item() / (self.pixels * math.log(2))
 
     @property
     def bits_per_dim(self) -> float | None:
@@ -169,6 +175,9 @@ class Evaluation:
             "data_kind": self.data_kind,
             "bits_per_dim": self.bits_per_dim,
             "pareto_k": pareto_k_summary(ll.pareto_k),
+            "dequantized_log_likelihood": None if self.dequantized is None else self.dequantized.mean().item(),
+            "dequantized_log_likelihood_se": None if self.dequantized is None else (self.dequantized.std() / math.sqrt(self.dequantized.numel())).item(),
+            "dequantized_bits_per_dim": self.dequantized_bits_per_dim(),
             "active_units": self.active_units,
             "kl_per_dimension": self.kl_per_dimension,
         }
@@ -178,7 +187,13 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     """Evaluate ``vae`` on the test split ``batches`` (a :class:`~pyro_vae.data.DeviceBatches`):
     test ELBO (:func:`mean_elbo`), its two terms, importance-sampled ``log p(x)`` with ``num_samples``
     samples per image and k-hat, active units and KL per latent dimension. The first
-    ``keep_log_weights`` images' log-weights are kept for the ArviZ export."""
+    ``keep_log_weights`` images' log-weights are kept for the ArviZ export.
+
+    For a density likelihood on 8-bit data (``batches.eight_bit``), also the dequantized bound on the
+    probability of the 8-bit images, ``log p((255 x + u) / 256) - D log 256 <= log P(x)``, one
+    ``u ~ U[0, 1)^D`` per image and ``log p`` importance-sampled with the same K
+    (:func:`~pyro_vae.discretized.dequantized_log_likelihood_bound`; Theis et al. 2016): a bound in
+    expectation, in the units of the discretized likelihoods."""
     from tqdm.auto import tqdm
 
     check_count("num_samples", num_samples)
@@ -188,6 +203,10 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
         log_w = [importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in tqdm(batches.eval_batches(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False)]
         x_all = batches.full()
         terms = elbo_terms(vae, x_all)
+        dequantized = None
+        if vae.likelihood.data_kind == "density" and batches.eight_bit:
+            log_p = lambda y: LogLikelihood.from_log_weights(importance_log_weights(vae.model, vae.guide, y[0], num_samples, chunk_size)).log_px.unsqueeze(0)
+            dequantized = torch.cat([dequantized_log_likelihood_bound(log_p, x, 1)[0] for x in batches.levels().split(batches.batch_size)])
     ll = LogLikelihood.cat([LogLikelihood.from_log_weights(w) for w in log_w])
     return Evaluation(
         test_images=ll.log_px.numel(),
@@ -200,4 +219,5 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
         data_kind=vae.likelihood.data_kind,
         pixels=math.prod(vae.x_shape),
         log_weights=torch.cat(log_w, dim=1)[:, :keep_log_weights],
+        dequantized=dequantized,
     )

@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from . import discretized
 from .errors import ConfigError, DataError
 from .names import LIKELIHOODS, NORMAL_SCALES
 from .networks import inverse_positive_scale, positive_scale
@@ -108,11 +109,11 @@ class BernoulliLikelihood(Likelihood):
 
     @classmethod
     def check_binarization(cls, binarization):
-        if binarization == "none":
+        if binarization in ("none", "dequantize"):
             raise DataError(
-                "the bernoulli likelihood needs pixels in {0, 1} but binarization 'none' keeps them "
+                f"the bernoulli likelihood needs pixels in {{0, 1}} but binarization {binarization!r} keeps them "
                 "continuous in [0, 1]; use --binarize dynamic, static or threshold, or the "
-                "continuous_bernoulli or normal likelihood"
+                "continuous_bernoulli, normal or a discretized likelihood"
             )
 
 
@@ -169,10 +170,71 @@ class NormalLikelihood(Likelihood):
             raise DataError("the normal likelihood needs finite data, but x has NaN or infinite values.")
 
 
+class DiscretizedLikelihood(Likelihood):
+    """``x_d`` on the 256 levels ``k / 255``, the mass of a continuous ``(loc_d, scale_d)`` density
+    on level k's bin (:mod:`pyro_vae.discretized`); the decoder emits ``loc`` and a raw scale per
+    pixel. Its log-likelihood is a log-probability of the 8-bit image: bits/dim are meaningful."""
+
+    num_params = 2
+    data_kind = "8bit"
+    distribution: type = discretized.DiscretizedLogistic
+
+    def pixel_distribution(self, loc, raw):
+        return self.distribution(loc, discretized.discretized_scale(raw))
+
+    def check_support(self, x):
+        if not torch.all(discretized.pixel_levels.check(x)):
+            raise DataError(
+                f"the {self.name} likelihood needs 8-bit pixels k / 255 (k = 0..255), but x has other values. "
+                "Feed uint8 images as x.float() / 255 without dequantizing (--binarize none), or use a density likelihood "
+                "('normal', 'continuous_bernoulli') for continuous data."
+            )
+
+    @classmethod
+    def check_binarization(cls, binarization):
+        if binarization == "dequantize":
+            raise DataError(f"the {cls.name} likelihood scores the 8-bit levels themselves; use --binarize none (dequantize is for density likelihoods)")
+
+
+class DiscretizedLogisticLikelihood(DiscretizedLikelihood):
+    """Discretized logistic per pixel (Salimans et al. 2017, eq. 2, one component)."""
+
+    name = "discretized_logistic"
+
+
+class DiscretizedNormalLikelihood(DiscretizedLikelihood):
+    """Discretized normal per pixel."""
+
+    name = "discretized_normal"
+    distribution = discretized.DiscretizedNormal
+
+
+class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
+    """A mixture of ``components`` discretized logistics per pixel (Salimans et al. 2017, eq. 2):
+    the decoder emits ``3 C`` values per pixel, mixture logits, locations and raw scales."""
+
+    name = "discretized_logistic_mixture"
+
+    def __init__(self, x_shape: Sequence[int], components: int = 5):
+        super().__init__(x_shape)
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ConfigError(f"mixture_components must be a positive integer, got {components!r}")
+        self.components = components
+        self.num_params = 3 * components
+
+    def pixel_distribution(self, *parts):
+        c = self.components
+        logits, loc, raw = (torch.stack(parts[i * c : (i + 1) * c], dim=-1) for i in range(3))
+        return discretized.DiscretizedLogisticMixture(logits, loc, discretized.discretized_scale(raw))
+
+
 LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {
     "bernoulli": BernoulliLikelihood,
     "continuous_bernoulli": ContinuousBernoulliLikelihood,
     "normal": NormalLikelihood,
+    "discretized_logistic": DiscretizedLogisticLikelihood,
+    "discretized_normal": DiscretizedNormalLikelihood,
+    "discretized_logistic_mixture": DiscretizedLogisticMixtureLikelihood,
 }
 
 
@@ -183,9 +245,13 @@ def likelihood_class(name: str) -> type[Likelihood]:
     return LIKELIHOOD_CLASSES[name]
 
 
-def make_likelihood(name: str | Likelihood, x_shape: Sequence[int], normal_scale: str | float = "shared") -> Likelihood:
+def make_likelihood(name: str | Likelihood, x_shape: Sequence[int], normal_scale: str | float = "shared", mixture_components: int = 5) -> Likelihood:
     """Build a likelihood from its name (one of :data:`~pyro_vae.names.LIKELIHOODS`), or pass an instance through."""
     if isinstance(name, Likelihood):
         return name
     cls = likelihood_class(name)
-    return cls(x_shape, scale=normal_scale) if cls is NormalLikelihood else cls(x_shape)
+    if cls is NormalLikelihood:
+        return cls(x_shape, scale=normal_scale)
+    if cls is DiscretizedLogisticMixtureLikelihood:
+        return cls(x_shape, components=mixture_components)
+    return cls(x_shape)

@@ -43,10 +43,12 @@ class VAE(nn.Module):
         x_dim: pixels per datapoint (the MLP takes ``(N, x_dim)``; the conv model needs 784 and
             takes ``(N, 1, 28, 28)``).
         z_dim: latent dimensions.
-        likelihood: ``"bernoulli"``, ``"continuous_bernoulli"``, ``"normal"`` or a
+        likelihood: a name of :data:`~pyro_vae.names.LIKELIHOODS` (``"bernoulli"``,
+            ``"continuous_bernoulli"``, ``"normal"``, ``"discretized_logistic"``, ...) or a
             :class:`~pyro_vae.likelihoods.Likelihood`.
         normal_scale: for ``"normal"``: a positive float (fixed), ``"shared"``, ``"pixel"`` or
             ``"decoder"``.
+        mixture_components: for ``"discretized_logistic_mixture"``: logistics per pixel.
         architecture: ``"mlp"`` or ``"conv"``.
         hidden: hidden layer widths of the MLP encoder (the decoder mirrors them), or the one dense
             width of the conv networks.
@@ -63,6 +65,7 @@ class VAE(nn.Module):
         z_dim: int = 20,
         likelihood: str | Likelihood = "bernoulli",
         normal_scale: str | float = "shared",
+        mixture_components: int = 5,
         architecture: str = "mlp",
         hidden: Sequence[int] | int = (400,),
         activation: str = "softplus",
@@ -77,7 +80,7 @@ class VAE(nn.Module):
         if architecture == "conv" and x_dim != 784:
             raise ConfigError(f"the conv architecture is built for 1x28x28 images (x_dim=784), got x_dim={x_dim}")
         self.x_shape = IMAGE_SHAPE if architecture == "conv" else (x_dim,)
-        self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale)
+        self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale, mixture_components)
         if self.likelihood.x_shape != self.x_shape:
             raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")
         # the decoder emits num_params values per pixel (per channel for images)

@@ -4,12 +4,12 @@ so that ``pyro-vae --help`` answers without loading torch. """
 from .errors import DataError
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal", "discretized_logistic", "discretized_normal", "discretized_logistic_mixture")
 NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("softplus", "relu", "tanh", "elu")
-BINARIZATIONS = ("none", "threshold", "static", "dynamic")
+BINARIZATIONS = ("none", "threshold", "static", "dynamic", "dequantize")  # pixel preparations
 BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT_S = 600.0  # how long a rank of a distributed run waits for the others
 

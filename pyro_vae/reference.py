@@ -10,6 +10,11 @@ parameters, never the library's own ``split``, ``scale`` or normalizer code:
 * Continuous Bernoulli: that plus ``log C``, ``1/C = int_0^1 lam^x (1 - lam)^(1-x) dx =
   (2 lam - 1) / eta`` (Loaiza-Ganem & Cunningham 2019, eq. 3, integrated directly).
 * Normal: ``-(x - mu)^2 / (2 s^2) - log s - log(2 pi) / 2``, ``s = softplus(raw) + MIN_SCALE`` when learned.
+* Discretized logistic / normal on the levels ``k / 255``: ``log(F(hi) - F(lo))`` (as
+  ``S(lo) - S(hi)`` above the location) with the bin
+  ``[(k - 1/2) / 255, (k + 1/2) / 255]``, ``F(0-) = 0`` and ``F(1+) = 1`` at the edges, F the
+  logistic CDF ``sigmoid`` or the normal CDF ``erfc(-t / sqrt 2) / 2``, in float64; the
+  mixture: ``logsumexp_c(log_softmax(logits)_c + log P_c)``.
 """
 
 from __future__ import annotations
@@ -62,9 +67,34 @@ def reference_log_likelihood(likelihood, params: torch.Tensor, x: torch.Tensor) 
     elif kind == "NormalLikelihood":
         s = _normal_scale(likelihood, second)
         per_pixel = -(x - first).pow(2) / (2 * s.pow(2)) - s.log() - 0.5 * math.log(2 * math.pi)
+    elif kind.startswith("Discretized"):
+        components = getattr(likelihood, "components", 1)
+        blocks = [flat[..., i * d : (i + 1) * d] for i in range(flat.shape[-1] // d)]
+        cdf = torch.sigmoid if "Logistic" in kind else lambda t: 0.5 * torch.special.erfc(-t / math.sqrt(2))
+        if components == 1 and "Mixture" not in kind:
+            per_pixel = _discretized_log_mass(cdf, x, blocks[0], blocks[1])
+        else:
+            c = components
+            logits = torch.stack(blocks[:c], -1).double().log_softmax(-1)
+            masses = torch.stack([_discretized_log_mass(cdf, x, blocks[c + i], blocks[2 * c + i]) for i in range(c)], -1)
+            per_pixel = torch.logsumexp(logits + masses, -1).to(x.dtype)
     else:
         raise TypeError(f"no reference formula for {kind}")
     return per_pixel.sum(-1)
+
+
+def _discretized_log_mass(cdf, x: torch.Tensor, loc: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """``log P(k)`` of a continuous ``(loc, softplus(raw) + MIN_SCALE)`` variable binned onto ``k / 255``."""
+    x, loc, scale = x.double(), loc.double(), F.softplus(raw.double()) + MIN_SCALE
+    k = (x * 255).round()
+    lo, hi = ((k - 0.5) / 255 - loc) / scale, ((k + 0.5) / 255 - loc) / scale
+    lo = torch.where(k <= 0, torch.full_like(lo, -math.inf), lo)
+    hi = torch.where(k >= 255, torch.full_like(hi, math.inf), hi)
+    # F(hi) - F(lo), or for a bin above the location the same mass as S(lo) - S(hi), S(t) = F(-t),
+    # so that neither difference is of two numbers close to 1
+    above = lo + hi > 0
+    mass = torch.where(above, cdf(-lo) - cdf(-hi), cdf(hi) - cdf(lo))
+    return torch.log(mass).to(raw.dtype)
 
 
 def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0) -> torch.Tensor:

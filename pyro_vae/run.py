@@ -38,6 +38,7 @@ def build_vae(config: TrainConfig) -> VAE:
         z_dim=config.z_dim,
         likelihood=config.likelihood,
         normal_scale=config.normal_scale,
+        mixture_components=config.mixture_components,
         architecture=config.architecture,
         hidden=config.hidden,
         activation=config.activation,

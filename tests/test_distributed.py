@@ -63,7 +63,7 @@ from pyro_vae.train import Trainer
 
 config, run_dir, out, poison = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 trainer = Trainer(TrainConfig(**config), run_dir, progress=False)
-if trainer.dist.rank in poison["ranks"]:  # a NaN in this rank's half of the batch, as an overflow would give
+if trainer.parallel.rank in poison["ranks"]:  # a NaN in this rank's half of the batch, as an overflow would give
     calls = {"n": 0}
     def hook(module, inputs, output):
         calls["n"] += 1
@@ -71,7 +71,7 @@ if trainer.dist.rank in poison["ranks"]:  # a NaN in this rank's half of the bat
     trainer.vae.decoder.register_forward_hook(hook)
 metrics = trainer.run()
 state = {"model": trainer.vae.state_dict(), "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics}
-torch.save(state, f"{out}/rank{trainer.dist.rank}.pt")
+torch.save(state, f"{out}/rank{trainer.parallel.rank}.pt")
 distributed.shutdown()
 """
 
