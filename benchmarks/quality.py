@@ -1,6 +1,13 @@
 """Test log-likelihood on Fashion-MNIST for the models of the literature, with their training budgets.
 
     python benchmarks/quality.py --epochs 50 --test-images 10000 --num-samples 5000
+    python benchmarks/quality.py --suite 8bit --epochs 5 --test-images 1000 --num-samples 5000
+
+``--suite binarized`` (the default) compares models on dynamically binarized pixels. ``--suite
+8bit`` compares likelihoods of the 8-bit pixels with one architecture and budget: the discretized
+likelihoods give log P(x) of the 8-bit images directly; the density likelihoods (Normal,
+continuous Bernoulli) give a density, and their dequantized bound on log P(x) is the number in the
+same units (bits/dim).
 
 Trains each model with ``pyro_vae.train`` (dynamically binarized pixels for Bernoulli models,
 continuous pixels otherwise) and estimates the test log-likelihood with K importance samples per
@@ -20,9 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.evaluate import LogLikelihood, log_marginal_likelihood
-from pyro_vae import TrainConfig
-from pyro_vae.evaluate import mean_elbo
+from pyro_vae import TrainConfig, evaluate_model
 from pyro_vae.train import Trainer
 
 MODELS = {
@@ -34,17 +39,24 @@ MODELS = {
     "continuous pixels: continuous_bernoulli 784-400-50": dict(hidden=(400,), z_dim=50, likelihood="continuous_bernoulli"),
     "continuous pixels: normal, learned shared scale 784-400-50": dict(hidden=(400,), z_dim=50, likelihood="normal", normal_scale="shared"),
 }
+EIGHT_BIT = dict(hidden=(400,), z_dim=50)
+SUITES = {
+    "binarized": MODELS,
+    "8bit": {
+        "discretized logistic": dict(EIGHT_BIT, likelihood="discretized_logistic"),
+        "discretized logistic mixture, 3 components": dict(EIGHT_BIT, likelihood="discretized_logistic_mixture", mixture_components=3),
+        "discretized normal": dict(EIGHT_BIT, likelihood="discretized_normal"),
+        "normal, per-pixel scale, dequantized training": dict(EIGHT_BIT, likelihood="normal", normal_scale="pixel", binarize="dequantize"),
+        "continuous Bernoulli, dequantized training": dict(EIGHT_BIT, likelihood="continuous_bernoulli", binarize="dequantize"),
+    },
+}
 
 
 def evaluate(trainer: Trainer, num_samples: int, chunk_size: int) -> dict:
-    vae, test = trainer.vae.eval(), trainer.test_batches
-    torch.manual_seed(trainer.config.seed)
-    log_px = LogLikelihood.cat([log_marginal_likelihood(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in test.eval_batches()])
-    return {
-        "test_elbo": mean_elbo(vae, test.eval_batches(), trainer.config.seed),
-        "test_log_likelihood": log_px.mean(),
-        "test_log_likelihood_se": log_px.mean_standard_error(),
-    }
+    """:func:`pyro_vae.evaluate_model`'s log-likelihoods of the trained model (test ELBO, log p(x), bits/dim)."""
+    summary = evaluate_model(trainer.vae.eval(), trainer.test_batches, trainer.config.seed, num_samples, chunk_size, keep_log_weights=0).summary()
+    keys = ("test_elbo", "test_log_likelihood", "test_log_likelihood_se", "data_kind", "bits_per_dim", "dequantized_log_likelihood", "dequantized_log_likelihood_se", "dequantized_bits_per_dim")
+    return {k: summary[k] for k in keys}
 
 
 def main(argv=None):
@@ -54,19 +66,25 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--chunk-size", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
-    p.add_argument("--results", type=Path, default=Path("runs/quality/results.jsonl"))
+    p.add_argument("--suite", choices=list(SUITES), default="binarized")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="a subset of the suite's models (default: all)")
+    p.add_argument("--results", type=Path, default=None, help="JSON lines, one per model (default runs/quality/<suite>.jsonl)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    models = SUITES[args.suite]
+    args.results = args.results or Path(f"runs/quality/{args.suite}.jsonl")
+    unknown = set(args.models or ()) - set(models)
+    if unknown:
+        p.error(f"unknown models {sorted(unknown)}; the {args.suite} suite has {list(models)}")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["model"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()
-    for name in args.models:
+    for name in args.models or list(models):
         if name in done:
             continue
-        config = TrainConfig(epochs=args.epochs, max_test=args.test_images, device=args.device, data_dir=args.data_dir, **MODELS[name])
-        run_dir = args.results.parent / name.split(",")[0].replace(" ", "_").replace(":", "") / f"{config.estimator}-K{config.num_particles}-{config.likelihood}"
+        config = TrainConfig(epochs=args.epochs, max_test=args.test_images, device=args.device, data_dir=args.data_dir, **models[name])
+        run_dir = args.results.parent / args.suite / name.split(",")[0].replace(" ", "_").replace(":", "") / f"{config.estimator}-K{config.num_particles}-{config.likelihood}"
         trainer = Trainer(config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=False)
         start = time.perf_counter()
         trainer.run()
@@ -77,7 +95,9 @@ def main(argv=None):
                "device": str(trainer.device), "threads": args.threads, "binarization": config.binarize}
         with args.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{name}: test log p(x) {row['test_log_likelihood']:.2f} +- {row['test_log_likelihood_se']:.2f}, test ELBO {row['test_elbo']:.2f} "
+        bits = row["bits_per_dim"] if row["bits_per_dim"] is not None else row["dequantized_bits_per_dim"]
+        print(f"{name}: test log p(x) {row['test_log_likelihood']:.2f} +- {row['test_log_likelihood_se']:.2f} ({row['data_kind']}), "
+              f"bits/dim {'-' if bits is None else f'{bits:.4f}'}, test ELBO {row['test_elbo']:.2f} "
               f"({args.epochs} epochs, {train_seconds:.0f} s training, {row['eval_seconds']} s evaluation)", flush=True)
 
 

@@ -13,8 +13,8 @@ of the likelihood's ``log_prob``.
 
 Public API: :class:`VAE`; :func:`make_elbo` (trace, meanfield, iwae, renyi);
 :func:`kl_weighted` (beta-VAE, KL annealing); :func:`log_marginal_likelihood` (importance-sampled
-``log p(x)`` with PSIS k-hat) and :func:`evaluate_model`; :func:`train` with :class:`TrainConfig`;
-:func:`load_run`. The command line is ``pyro-vae`` (``pyro-vae --help``). Documentation: the
+``log p(x)`` with PSIS k-hat) and :func:`evaluate_model`; :class:`TrainConfig`;
+:func:`load_run` (:func:`pyro_vae.train.train` trains a run from Python). The command line is ``pyro-vae`` (``pyro-vae --help``). Documentation: the
 ``docs/`` folder of the repository (``mkdocs serve``), with the math behind each piece.
 """
 
@@ -29,7 +29,6 @@ _EXPORTS = {
     "LogLikelihood": "evaluate",
     "evaluate_model": "evaluate",
     "ImportanceSamplingWarning": "evaluate",
-    "train": "train",
     "TrainConfig": "config",
     "load_run": "run",
     "ESTIMATORS": "names",

@@ -28,6 +28,10 @@ from .estimators import DataPlateIWELBO, make_elbo
 from .runtime import seeded
 
 
+# below about this many weights ArviZ cannot fit the Pareto tail (it returns inf)
+MIN_SAMPLES_FOR_K_HAT = 25
+
+
 class ImportanceSamplingWarning(UserWarning):
     """Importance weights too heavy-tailed for the estimate's standard error to be trusted."""
 
@@ -59,7 +63,12 @@ class LogLikelihood:
         return float(np.mean(~(self.pareto_k <= K_OK)))
 
     def warning(self) -> str | None:
-        """What a reader must know when some k-hat exceeds 0.7, else None."""
+        """What a reader must know when some k-hat exceeds 0.7 or cannot be fitted, else None."""
+        if self.num_samples < MIN_SAMPLES_FOR_K_HAT:
+            return (
+                f"K={self.num_samples} importance samples are too few to fit PSIS k-hat (it needs about {MIN_SAMPLES_FOR_K_HAT}), "
+                "so nothing checks whether the standard error can be trusted; raise num_samples (K)"
+            )
         share = self.unreliable_share()
         if share == 0:
             return None
@@ -199,6 +208,9 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     check_count("num_samples", num_samples)
     check_count("chunk_size", chunk_size)
     check_count("keep_log_weights", keep_log_weights, minimum=0)
+    from .run import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
+
+    check_step_memory(vae, min(chunk_size, num_samples), batches.batch_size, vae.prior_loc.device, "--chunk-size or --num-samples", training=False, extra_bytes=2 * 8 * num_samples * len(batches.labels))
     with seeded(vae.prior_loc.device, seed):
         log_w = [importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in tqdm(batches.eval_batches(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False)]
         x_all = batches.full()

@@ -24,6 +24,7 @@ def data_dir(tmp_path):
     return str(tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_train_evaluate_and_sample(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--data-dir", data_dir, "--epochs", "2", "--z-dim", "2", "--run-dir", str(run)]) == 0
@@ -93,12 +94,14 @@ def test_unknown_dataset_is_refused_by_the_parser(capsys):
     assert err.count("\n") == 1 and err.startswith("pyro-vae: error: ") and "unknown dataset 'cifar10'" in err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     exe = shutil.which("pyro-vae") or str(Path(sys.executable).parent / "pyro-vae")
     done = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--likelihood" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["binarized_bernoulli.py", "continuous_likelihoods.py"])
 def test_example_scripts_run(tmp_path, script):
     # like Pyro's own tests/test_examples.py: every example runs with tiny arguments

@@ -206,6 +206,7 @@ def test_csv_round_trip_png_and_table(tmp_path, linear_gaussian):
     assert lines[0].split() == list(rows[0])
 
 
+@pytest.mark.slow
 def test_example_runs_with_tiny_arguments(tmp_path):
     write_dataset(tmp_path / "data", gz=True, n_train=64, n_test=16)
     args = ["--repeats", "5", "--particles", "1", "4", "--out", "tmp", "--data-dir", "data", "--train-steps", "2", "--num-data", "8"]

@@ -384,6 +384,9 @@ def test_dequantization_bound_lies_below_the_exact_log_probability():
     assert (gap <= D * (1 / (256 * 0.01)) ** 2 / 8 + 3 * se).all()
 
 
-def test_dequantization_needs_two_samples():
-    with pytest.raises(ConfigError, match="num_samples"):
-        dequantized_log_likelihood_bound(lambda y: y.sum(-1), pixels(), 1)
+def test_dequantization_with_one_sample_has_no_standard_error_and_zero_is_refused():
+    bound, se = dequantized_log_likelihood_bound(lambda y: y.sum(-1), pixels(), 1)
+    assert torch.isfinite(bound).all() and torch.isnan(se).all()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="num_samples"):
+            dequantized_log_likelihood_bound(lambda y: y.sum(-1), pixels(), bad)

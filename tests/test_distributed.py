@@ -75,6 +75,8 @@ torch.save(state, f"{out}/rank{trainer.parallel.rank}.pt")
 distributed.shutdown()
 """
 
+pytestmark = pytest.mark.slow  # real torchrun processes: minutes, not seconds
+
 
 def free_port() -> int:
     with socket.socket() as s:

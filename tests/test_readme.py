@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .idx_files import write_dataset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_python_snippet_runs(tmp_path):
     (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     # the snippet finds its data in $PYRO_VAE_DATA before Debian's folder: give it small real files

@@ -145,6 +145,7 @@ def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint_and_resume_matches(tmp_path, data_dir):
     # a wide network makes the checkpoint large enough (~30 MB) to catch the write in the act
     args = ["train", "--dataset", "mnist", "--data-dir", data_dir, "--hidden", "2000", "--z-dim", "2", "--batch-size", "64", "--epochs", "2", "--no-progress", "--max-test", "64"]

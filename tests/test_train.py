@@ -62,6 +62,7 @@ def cli(*args, env=None):
     return [sys.executable, "-m", "pyro_vae.cli", *args]
 
 
+@pytest.mark.slow
 def test_training_killed_by_sigkill_resumes_to_the_same_metrics(tmp_path, data_dir):
     args = ["train", "--dataset", "mnist", "--data-dir", data_dir, "--hidden", "64", "--z-dim", "4", "--batch-size", "16", "--epochs", "4", "--no-progress", "--seed", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
