@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -59,6 +60,33 @@ def evaluate(trainer: Trainer, num_samples: int, chunk_size: int) -> dict:
     return {k: summary[k] for k in keys}
 
 
+def plot_bits_per_dim(rows: list[dict], path: Path) -> Path:
+    """Bars of bits/dim on 8-bit pixels (the dequantized bound for densities), 2 standard errors."""
+    from matplotlib.figure import Figure
+
+    from pyro_vae.checkpoint import replace_atomically
+
+    names, bits, errors, colors = [], [], [], []
+    for row in rows:
+        dequantized = row["bits_per_dim"] is None
+        nats, se = (row["dequantized_log_likelihood"], row["dequantized_log_likelihood_se"]) if dequantized else (row["test_log_likelihood"], row["test_log_likelihood_se"])
+        names.append(row["model"] + ("\n(dequantized bound)" if dequantized else ""))
+        bits.append(-nats / (784 * math.log(2)))
+        errors.append(2 * se / (784 * math.log(2)))
+        colors.append("tab:orange" if dequantized else "tab:blue")
+    fig = Figure(figsize=(8, 0.7 * len(rows) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.barh(range(len(rows)), bits, xerr=errors, color=colors)
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    for i, (b, e) in enumerate(zip(bits, errors)):
+        ax.text(b + e, i, f"  {b:.3f}", va="center")
+    ax.set_xlabel("test bits/dim on 8-bit Fashion-MNIST (lower is better; bars: 2 s.e.)")
+    ax.set_xlim(0, max(bits) * 1.2)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=50)
@@ -71,7 +99,12 @@ def main(argv=None):
     p.add_argument("--results", type=Path, default=None, help="JSON lines, one per model (default runs/quality/<suite>.jsonl)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--figure", type=Path, default=None, help="8bit suite: draw the results' bits/dim as a PNG here and stop")
     args = p.parse_args(argv)
+    if args.figure:
+        results = args.results or Path(f"runs/quality/{args.suite}.jsonl")
+        print(plot_bits_per_dim([json.loads(line) for line in results.read_text().splitlines()], args.figure))
+        return
     torch.set_num_threads(args.threads)
     models = SUITES[args.suite]
     args.results = args.results or Path(f"runs/quality/{args.suite}.jsonl")

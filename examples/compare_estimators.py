@@ -53,20 +53,20 @@ def compare(name, title, vae, x, args, exact_log_px=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for the CSV and PNG")
     p.add_argument("--repeats", type=int, default=50, help="independent draws per estimator and K")
-    p.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--estimators", nargs="+", default=["trace", "meanfield", "iwae", "reference"])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--num-data", type=int, default=32, help="test images in the compared batch")
+    p.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16, 64], help="numbers of particles K")
+    p.add_argument("--estimators", nargs="+", default=["trace", "meanfield", "iwae", "reference"], help="estimators to compare")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (None: the usual places)")
+    p.add_argument("--num-data", type=int, default=32, help="datapoints compared: test images, and draws of the linear-Gaussian model")
     p.add_argument("--train-steps", type=int, default=300, help="SVI steps before comparing")
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 gives stable timings")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    vae, x, log_px = linear_gaussian_vae(seed=args.seed)
+    vae, x, log_px = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
     title = f"linear-Gaussian VAE (PPCA), {x.shape[0]} datapoints, exact log p(x) = {log_px / x.shape[0]:.3f} nats each"
     compare("linear_gaussian", title, vae, x, args, log_px)
     pyro.set_rng_seed(args.seed)

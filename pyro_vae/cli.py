@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import TrainConfig
@@ -159,8 +160,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
         n_idata = result.log_weights.shape[1]
         idata = to_inference_data(run.vae, test.full()[:n_idata], log_weights=result.log_weights, training_metrics=run.metrics)
         summary = {**result.summary(), "epochs": len(run.metrics)}
-        save_inference_data(idata, run.folder / "inference_data.nc")
-        run.folder.write_text("evaluation.json", json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
+        text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
+        with run.folder.all_or_none("inference_data.nc"):  # the two files describe one evaluation: both replaced, or neither
+            save_inference_data(idata, run.folder / "inference_data.nc")
+            run.folder.write_text("evaluation.json", text)
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch {len(run.metrics)})")
     print(f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent estimate)")
@@ -181,8 +184,9 @@ def compare_command(args: argparse.Namespace) -> int:
     import torch
 
     from . import compare
+    from .checkpoint import replace_atomically
     from .linear_gaussian import linear_gaussian_vae
-    from .run import load_run
+    from .run import check_step_memory, load_run
 
     torch.set_num_threads(args.threads)
     if args.run_dir is None:
@@ -192,13 +196,15 @@ def compare_command(args: argparse.Namespace) -> int:
         run = load_run(args.run_dir, "cpu")
         vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
         name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
+    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data")
     torch.manual_seed(args.seed)
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
     out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
     print(title)
     print(compare.format_table(rows))
-    csv_path = compare.write_csv(rows, out / f"{name}.csv")
-    png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)
+    csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"  # replaced atomically: a symlink there is replaced, never followed
+    replace_atomically(csv_path, lambda tmp: compare.write_csv(rows, tmp))
+    replace_atomically(png_path, lambda tmp: compare.plot_comparison(rows, tmp, title=title))
     print(f"written: {csv_path}, {png_path}")
     return 0
 
@@ -233,7 +239,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+        if "default" in text or any(action.default is v for v in (None, argparse.SUPPRESS, False)) or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
@@ -265,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--particles", type=positive_int, nargs="+", default=[1, 4, 16, 64], help="numbers of particles K")
     c.add_argument("--repeats", type=_number(int, 2, what="a whole number"), default=50, help="independent estimates per estimator and K")
     c.add_argument("--num-data", type=positive_int, default=32, help="datapoints: test images of the run, or draws of the linear-Gaussian model")
-    c.add_argument("--data-dir", help="where the run's test data is, if not where training found it")
+    c.add_argument("--data-dir", help="where the run's test data is, if not where training found it (default: the run's own)")
     c.add_argument("--allow-different-data", action="store_true", help="compare even if the data differ from the run's (default off: refused)")
     c.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads, fixed for comparable timings")
     c.add_argument("--seed", type=seed_int, default=0, help="seed of the draws (and of the linear-Gaussian model)")
@@ -299,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return 2
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            # a non-finite step is skipped and counted, and too many stop the run with one line: Pyro's own warning is noise
+            warnings.filterwarnings("ignore", message="Encountered (NaN|Inf)")
+            return args.run(args)
     except (ConfigError, DataError, NumericalError) as e:
-        message = str(e).replace("\n", "\n  ")
+        message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"pyro-vae: error{_rank_label()}: {message}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -1,0 +1,62 @@
+"""What a user sees of the command line: help for every option with its default, a --help that
+loads no torch, the spellings people use, and runs that say what they are doing."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from pyro_vae.cli import main, parser
+
+from .idx_files import write_dataset
+
+
+def subcommands():
+    p = parser()
+    (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "compare", "sample"])
+def test_every_option_says_what_it_does_and_its_default(name):
+    command = subcommands()[name]
+    assert command.description, f"{name} has no description"
+    for action in command._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        if action.option_strings and not isinstance(action, argparse._StoreTrueAction):
+            shown = command._get_formatter()._format_action(action)
+            assert "default" in shown, f"{name} {action.option_strings}: the help does not say the default"
+
+
+def test_the_help_loads_no_torch():
+    code = "import sys; from pyro_vae.cli import parser; parser().format_help(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_main_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("train", "evaluate", "compare", "sample"))
+
+
+@pytest.mark.parametrize("spelling", ["fashion-mnist", "Fashion_MNIST", "fashion_mnist"])
+def test_the_usual_spellings_of_fashion_mnist_are_accepted(spelling):
+    assert parser().parse_args(["train", "--dataset", spelling]).dataset == "fashion_mnist"
+
+
+def test_a_new_run_is_named_by_its_architecture_and_a_resume_says_where_it_starts(tmp_path, monkeypatch, capsys):
+    write_dataset(tmp_path / "data", gz=False, n_train=64, n_test=16)
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--dataset", "mnist", "--data-dir", "data", "--hidden", "8", "--z-dim", "2", "--batch-size", "32", "--no-progress"]
+    assert main(["train", *tiny, "--epochs", "1"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("mnist-bernoulli-mlp-")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert f"resuming {run} after epoch 1 of 2" in capsys.readouterr().out
