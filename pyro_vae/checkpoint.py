@@ -9,6 +9,7 @@ names any other callable is refused before it can run.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -48,9 +49,24 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {e.strerror or e}; the previous file is intact. Free disk space or choose a writable folder") from e
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, RuntimeError) and _disk_full(e, path.parent)  # torch.save and h5py report a failed write as RuntimeError
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise ConfigError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}; the previous file is intact. Free disk space or choose a writable folder") from e
         raise
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a writer's failure ``e`` came from a full disk: it says so, or (checked before its
+    temporary file is removed) the folder's file system has next to no space left."""
+    if "No space left on device" in str(e) or "errno = 28" in str(e):
+        return True
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < 64 * 1024
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -11,6 +11,7 @@ the rank (``pyro-vae: error (rank 1 of 2): ...``) and a lost or failed peer exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -184,7 +185,6 @@ def compare_command(args: argparse.Namespace) -> int:
     import torch
 
     from . import compare
-    from .checkpoint import replace_atomically
     from .linear_gaussian import linear_gaussian_vae
     from .run import check_step_memory, load_run
 
@@ -203,8 +203,8 @@ def compare_command(args: argparse.Namespace) -> int:
     print(title)
     print(compare.format_table(rows))
     csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"  # replaced atomically: a symlink there is replaced, never followed
-    replace_atomically(csv_path, lambda tmp: compare.write_csv(rows, tmp))
-    replace_atomically(png_path, lambda tmp: compare.plot_comparison(rows, tmp, title=title))
+    compare.write_csv(rows, csv_path)  # both atomic: a symlink there is replaced, never followed
+    compare.plot_comparison(rows, png_path, title=title)
     print(f"written: {csv_path}, {png_path}")
     return 0
 
@@ -218,7 +218,9 @@ def sample_command(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.device)
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
     torch.manual_seed(args.seed)
-    plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
+    inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
+    with run.folder.locked("sample") if inside else contextlib.nullcontext():
+        plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
     print(f"written: {out}")
     return 0
 
@@ -259,7 +261,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)")
     e.add_argument("--data-dir", help="where the test data is, if not where training found it (default: the run's own)")
     e.add_argument("--allow-different-data", action="store_true", help="evaluate even if the data differ from the run's (default off: refused)")
-    e.add_argument("--idata-points", type=_number(int, 0, what="a whole number"), default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)")
+    e.add_argument("--idata-points", type=positive_int, default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.set_defaults(run=evaluate_command)

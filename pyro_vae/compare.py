@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 from matplotlib.figure import Figure
 
+from .checkpoint import replace_atomically
 from .errors import ConfigError
 from .estimators import ESTIMATORS, make_elbo
 from .model import VAE
@@ -145,14 +146,16 @@ def _fields(rows: Sequence[dict]) -> list[str]:
 
 
 def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write the rows of :func:`compare_estimators` as CSV (making parent directories)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_fields(rows))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """Write the rows of :func:`compare_estimators` as CSV, atomically (making parent directories)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_fields(rows))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    replace_atomically(path, write)
+    return Path(path)
 
 
 def _cell(value) -> str:
@@ -214,10 +217,8 @@ def plot_comparison(rows: Sequence[dict], path: str | Path, title: str | None = 
             axes[3].errorbar(ks_, gaps, yerr=errors[name][1], marker="o", capsize=3, label=name)
         axes[3].axhline(0.0, color="k", lw=0.8)
         _k_axis(axes[3], ks, r"gap to $\log p(x)$ per datapoint", "nats")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, format="png", dpi=100)
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         fig.clear()
-    return path
+    return Path(path)

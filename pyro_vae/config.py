@@ -56,7 +56,18 @@ class TrainConfig:
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())  # a run remembers where, whatever the working directory
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for settings that cannot work."""
+        """Raise :class:`ConfigError` for settings that cannot work, here: values, the device, the
+        model, and a training step's memory (refused before anything large is allocated)."""
+        self.check_settings()
+        from .run import build_vae, check_step_memory
+        from .runtime import resolve_device
+
+        device = resolve_device(self.device)
+        vae = build_vae(self)  # the model's own checks: sizes, likelihood, scale
+        check_step_memory(vae, self.num_particles, self.batch_size, device, "--num-particles or --batch-size")
+
+    def check_settings(self) -> None:
+        """:class:`ConfigError` for a value of the wrong type or out of range (no device, no model)."""
         integers = {"z_dim": self.z_dim, "epochs": self.epochs, "batch_size": self.batch_size, "num_particles": self.num_particles, "seed": self.seed}
         for name, value in integers.items():
             if isinstance(value, bool) or not isinstance(value, int):
@@ -83,12 +94,8 @@ class TrainConfig:
         if self.binarize not in BINARIZATIONS:
             raise ConfigError(f"unknown binarization {self.binarize!r}; valid: {', '.join(BINARIZATIONS)}")
         from .likelihoods import likelihood_class
-        from .run import build_vae
-        from .runtime import resolve_device
 
         likelihood_class(self.likelihood).check_binarization(self.binarize)
-        resolve_device(self.device)
-        build_vae(self)  # the model's own checks: sizes, likelihood, scale
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues."""
@@ -109,6 +116,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source} has settings this version of pyro-vae does not know ({', '.join(unknown)}); it was written by a newer version: upgrade pyro-vae")
         try:
-            return cls(**d)
+            config = cls(**d)
+            config.check_settings()  # a damaged or hand-edited file: refused here, not deep in torch
+            return config
         except (TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{source} is not a valid configuration ({e})") from e

@@ -159,13 +159,7 @@ def _not_found(name: str, looked: list[Path], root: Path, explicit: bool) -> Dat
     ways.append("pass --download to fetch it with torchvision (needs internet)")
     if name in _SYSTEM_PACKAGES and not explicit:
         ways.append(f"on Debian/Ubuntu: apt-get install {_SYSTEM_PACKAGES[name]}")
-    return DataError(
-        f"dataset {name!r} not found. Looked in:\n"
-        + "".join(f"  - {place}\n" for place in looked)
-        + "To get it:\n"
-        + "".join(f"  - {way}\n" for way in ways)
-        + f"(--download saves into {root})"
-    )
+    return DataError(f"dataset {name!r} not found. Looked in: {', '.join(map(str, looked))}. To get it: {'; or '.join(ways)} (--download saves into {root})")  # one line, as every error
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageDataset:
@@ -196,7 +190,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     try:
         getattr(torchvision.datasets, DATASETS[name])(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as e:
-        raise DataError(f"downloading {name!r} into {root} failed ({e}).\n{_not_found(name, places, root, explicit)}") from e
+        raise DataError(f"downloading {name!r} into {root} failed ({' '.join(str(e).split())}). {_not_found(name, places, root, explicit)}") from e
     files = _find_idx_files(raw)
     if files is None:
         raise DataError(f"torchvision reported a download of {name!r} but {raw} lacks its IDX files; delete {raw} and try again")

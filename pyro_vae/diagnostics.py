@@ -49,6 +49,8 @@ def pareto_k(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     lw = torch.as_tensor(log_weights, dtype=torch.float64).cpu().numpy()
     if lw.ndim != 2:
         raise DataError(f"log_weights must have shape (num_samples, N), got {lw.shape}")
+    if lw.shape[0] < 2:  # no tail to fit (ArviZ fails on one draw): unreliable, like any failed fit
+        return np.full(lw.shape[1], np.inf)
     return np.asarray(az.psislw(lw.T, reff=1.0)[1])
 
 
@@ -151,6 +153,8 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
     """
     if num_draws < 1:
         raise ConfigError(f"num_draws must be positive, got {num_draws}")
+    if x.shape[0] == 0:
+        raise DataError("x is an empty batch; export at least one datapoint")
     n = x.shape[0]
     loc, scale = vae.encoder(x)
     z = dist.Normal(loc, scale).sample((num_draws,))
@@ -173,6 +177,29 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
 
 def save_inference_data(idata: "az.InferenceData", path: str | PathLike) -> str:
     """Write ``idata`` with all its groups, custom ones included, to netCDF; read it back with
-    ``arviz.from_netcdf(path)``. Atomic: a kill or a full disk leaves any previous file intact."""
-    replace_atomically(path, lambda tmp: idata.to_netcdf(str(tmp)))
+    ``arviz.from_netcdf(path)``. Atomic: a kill or a full disk leaves any previous file intact. The
+    file is made in memory and written by plain file I/O: HDF5 writing to a full disk fails in ways
+    that can crash the process later, when its half-closed file is collected."""
+    replace_atomically(path, lambda tmp: tmp.write_bytes(netcdf_bytes(idata)))
     return str(path)
+
+
+def netcdf_bytes(idata: "az.InferenceData") -> bytes:
+    """The netCDF-4 file ``InferenceData.to_netcdf`` writes (every group, numeric data compressed), as bytes."""
+    import io
+
+    import h5netcdf
+    import xarray as xr
+
+    buffer, mode = io.BytesIO(), "w"
+    if getattr(idata, "attrs", None):
+        xr.Dataset(attrs=idata.attrs).to_netcdf(buffer, mode=mode, engine="h5netcdf", group="/")
+        mode = "a"
+    for group in idata.groups():
+        data = getattr(idata, group)
+        encoding = {name: {"zlib": True} for name, values in data.variables.items() if values.dtype.kind in "biufcS"}
+        data.to_netcdf(buffer, mode=mode, group=f"/{group}", engine="h5netcdf", encoding=encoding)
+        mode = "a"
+    if mode == "w":  # nothing in it: still a valid, empty file
+        h5netcdf.File(buffer, mode="w").close()
+    return buffer.getvalue()

@@ -21,7 +21,9 @@ Networks are registered with ``pyro.module`` under a name of this instance's own
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+import math
+import numbers
+from typing import Iterable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -34,6 +36,15 @@ from .likelihoods import Likelihood, make_likelihood
 from .names import ARCHITECTURES
 from .networks import IMAGE_SHAPE, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
+
+
+def _count(name: str, value) -> int:
+    """``value`` as an int if it is a whole number >= 1 (not a bool), else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.Tensor)) or (isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool)):
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    if int(value) < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {int(value)}")
+    return int(value)
 
 
 class VAE(nn.Module):
@@ -72,11 +83,14 @@ class VAE(nn.Module):
         name: str | None = None,
     ):
         super().__init__()
-        if x_dim < 1 or z_dim < 1:
-            raise ConfigError(f"x_dim and z_dim must be positive, got x_dim={x_dim}, z_dim={z_dim}")
+        x_dim, z_dim = _count("x_dim", x_dim), _count("z_dim", z_dim)
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
-        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, (numbers.Integral, Iterable)):
+            raise ConfigError(f"hidden must be a width or a sequence of widths (positive integers), got {hidden!r}")
+        hidden = tuple(_count("a hidden layer width", h) for h in ((hidden,) if isinstance(hidden, numbers.Integral) else hidden))
+        if isinstance(normal_scale, bool) or (isinstance(normal_scale, numbers.Real) and not (math.isfinite(normal_scale) and normal_scale > 0)):
+            raise ConfigError(f"a fixed normal_scale must be a positive finite number, got {normal_scale!r}")
         if architecture == "conv" and x_dim != 784:
             raise ConfigError(f"the conv architecture is built for 1x28x28 images (x_dim=784), got x_dim={x_dim}")
         self.x_shape = IMAGE_SHAPE if architecture == "conv" else (x_dim,)
@@ -170,11 +184,15 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of ``p(x|z)`` at the encoder's mean ``z = loc(x)``."""
+        with pyro.validation_enabled(False):  # shape, dtype, device; any values in the pixel range are fine
+            self.check_data(x)
+        if not torch.isfinite(x).all():
+            raise DataError("x has NaN or infinite values")
         loc, _ = self.encoder(x)
         return self.likelihood(self.decoder(loc)).mean
 
     @torch.no_grad()
     def generate(self, n: int) -> torch.Tensor:
         """Mean of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``."""
-        z = self.prior().sample((n,))
+        z = self.prior().sample((_count("the number of samples n", n),))
         return self.likelihood(self.decoder(z)).mean

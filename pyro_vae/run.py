@@ -53,6 +53,44 @@ def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device
     return DeviceBatches(images, labels, config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=split == "train", flatten=config.architecture == "mlp", device=device)
 
 
+def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True) -> int:
+    """A rough estimate of the memory one step over ``particles`` x ``batch`` draws of z needs: every
+    decoder activation (counted on one draw) and a few per-pixel terms of the likelihood for each
+    draw, 4 bytes a number, times 3 with gradients (saved activations, gradients, temporaries) or 2
+    without."""
+    counted = []
+    hooks = [m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0)) for m in vae.decoder.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            vae.decoder(vae.prior_loc.new_zeros(1, vae.z_dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_draw = sum(counted) + 4 * math.prod(vae.x_shape) + 4 * vae.z_dim
+    return particles * batch * per_draw * 4 * (3 if training else 2)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a step may use: the GPU's free memory, else the machine's physical memory; None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0) -> None:
+    """:class:`ConfigError` naming ``options`` if a step (:func:`step_memory_bytes`, plus
+    ``extra_bytes``) would need more memory than ``device`` has, before anything is allocated."""
+    need = step_memory_bytes(vae, particles, batch, training) + extra_bytes
+    have = available_memory(torch.device(device))
+    if have is not None and need > have:
+        where = "free GPU memory" if torch.device(device).type == "cuda" else "memory"
+        what = f"{particles} particles x {batch} images a step" + (f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else "")
+        raise ConfigError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on {device}; lower {options}")
+
+
 def data_identity(dataset: ImageDataset) -> dict[str, str]:
     """What a checkpoint records of its data: where it was read and its content fingerprint."""
     return {"source": dataset.source, "fingerprint": dataset.fingerprint()}
@@ -105,6 +143,8 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError(f"cannot {doing} in {self.path}: its {self.LOCK} is a symbolic link, which pyro-vae never follows; remove it and try again") from e
             raise ConfigError(f"cannot {doing} in {self.path}: {e.strerror or e}; choose a folder you can write to") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,8 +153,11 @@ class RunFolder:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise ConfigError(f"run folder {self.path} is in use by {_holder(self.path / self.LOCK)}; wait for it to finish or stop it, then try again") from e
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its holder goes unnamed
         self._lock_fd = fd
         try:
             self.remove_temporary_files()  # ours to clean: no live writer can own them now
@@ -132,6 +175,30 @@ class RunFolder:
         """Temporary files left by a writer that was killed mid-write (only call with the lock held)."""
         for leftover in self.path.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def all_or_none(self, name: str) -> Iterator[None]:
+        """Put the file ``name`` back as it was if the block fails (a later write of the same
+        operation, say): a hard link keeps the old file until the block is done (lock held)."""
+        path, keep = self.path / name, self.path / f".{name}.previous.tmp"
+        kept, existed = False, os.path.lexists(path)
+        if existed:
+            keep.unlink(missing_ok=True)
+            try:
+                os.link(path, keep, follow_symlinks=False)
+                kept = True
+            except OSError:
+                pass  # no hard links here: the old file cannot be kept
+        try:
+            yield
+        except BaseException:
+            if kept:
+                os.replace(keep, path)
+            elif not existed:
+                path.unlink(missing_ok=True)  # there was none before: there is none after
+            raise
+        finally:
+            keep.unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> Path:
         write_atomic(self.path / name, text)
@@ -160,6 +227,8 @@ class RunFolder:
             raise ConfigError(f"{self.path} holds no {self.CHECKPOINT}; pass the folder a 'pyro-vae train' run wrote")
         state = load_checkpoint(self.checkpoint_path)
         check_state(state, self.checkpoint_path)
+        config = TrainConfig.from_dict(state["config"], f"the configuration in {self.checkpoint_path}")
+        check_optimizer(load_vae(config, state["model"], self.checkpoint_path), state["optimizer"], self.checkpoint_path)
         return state
 
     def mark_evaluation_stale(self, epochs: int) -> None:
@@ -212,8 +281,15 @@ def check_state(state: Any, path: Path) -> None:
             raise ConfigError(f"{path} is not a complete pyro-vae checkpoint ({key!r} missing or not a {kind.__name__}); the run folder is damaged: train again")
     if not all(isinstance(t, torch.Tensor) and torch.isfinite(t).all() for t in state["model"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()):
         raise ConfigError(f"{path} holds non-finite model weights; the run diverged or the file is damaged: train again with a lower --lr")
-    if not isinstance(state["rng"].get("torch"), torch.Tensor):
+    rng = state["rng"].get("torch")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         raise ConfigError(f"{path} has no saved random-number state; the run folder is damaged: train again")
+    if "cuda" in state["rng"] and not (isinstance(state["rng"]["cuda"], (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in state["rng"]["cuda"])):
+        raise ConfigError(f"{path} has a damaged GPU random-number state; the run folder is damaged: train again")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for i, row in enumerate(state["metrics"]):
+        if not (isinstance(row, dict) and row.get("epoch") == i + 1 and number(row.get("train_elbo")) and number(row.get("test_elbo"))):
+            raise ConfigError(f"{path} has damaged metrics (entry {i + 1} is not epoch {i + 1}'s record); the run folder is damaged: train again")
 
 
 @dataclasses.dataclass
@@ -240,9 +316,28 @@ def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
     vae = build_vae(config)
     try:
         vae.load_state_dict(weights)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{source} holds weights that do not fit its own configuration ({str(e).splitlines()[0]}); the run folder is damaged: train again") from e
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        detail = " ".join(str(e).split()).replace("Error(s) in loading state_dict for VAE: ", "")
+        raise ConfigError(f"{source} holds weights that do not fit its own configuration ({detail[:300]}); the run folder is damaged: train again") from e
+    with torch.no_grad():  # finite weights can still overflow: refuse a model that cannot score an image
+        loc, scale = vae.encoder(vae.prior_loc.new_full((1, *vae.x_shape), 0.5))
+        outputs = (loc, scale, vae.decoder(loc))
+    if not all(torch.isfinite(t).all() for t in outputs):
+        raise ConfigError(f"{source} holds weights whose outputs are not finite; the run diverged or the file is damaged: train again with a lower --lr")
     return vae
+
+
+def check_optimizer(vae: VAE, saved: dict[str, Any], source: Path) -> None:
+    """:class:`ConfigError` unless ``saved`` is an Adam state for ``vae``'s parameters."""
+    optimizer = torch.optim.Adam(vae.parameters())
+    try:
+        optimizer.load_state_dict(saved)
+        for p in vae.parameters():
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise ConfigError(f"{source} holds an optimizer state that does not fit its model ({' '.join(str(e).split())[:200]}); the run folder is damaged: train again") from e
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> SavedRun:

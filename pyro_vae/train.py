@@ -55,7 +55,7 @@ class Trainer:
                 self._held.enter_context(self.folder.locked("train"))
             self._setup(config, resume, progress, allow_different_data)
         self.loss_and_grads = self.parallel.objective(self.vae, self.elbo, self.device)
-        if self.parallel.is_main:
+        if self.parallel.is_main and not resume:  # a resumed run's config.json changes with its first new checkpoint
             self.folder.write_config(config)
 
     def _setup(self, config: TrainConfig, resume: bool, progress: bool, allow_different_data: bool) -> None:
@@ -141,7 +141,11 @@ class Trainer:
 
     def diverged(self, what: str) -> NumericalError:
         last = f"the last good checkpoint is {self.folder.checkpoint_path}" if self.folder.checkpoint_path.exists() else "no checkpoint was written"
-        return NumericalError(f"{what}: the optimization diverged; {last}. Try a lower --lr (now {self.config.lr:g}), a larger --batch-size or, for --likelihood normal, a fixed --normal-scale")
+        scale = ""
+        if self.config.likelihood == "normal":
+            learned = isinstance(self.config.normal_scale, str)
+            scale = ", or a fixed --normal-scale" if learned else f", or a larger --normal-scale (now {self.config.normal_scale:g})"
+        return NumericalError(f"{what}: the optimization diverged; {last}. Try a lower --lr (now {self.config.lr:g}) or a larger --batch-size{scale}")
 
     def run(self) -> list[dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done (a resumed run starts after its last)."""
@@ -178,6 +182,7 @@ class Trainer:
         state = {"config": self.config.to_dict(), "model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "metrics": self.metrics, "data": self.data}
         self.parallel.save_device_rng(state["rng"], self.device)
         self.folder.save_state(state)
+        self.folder.write_config(self.config)
         self.folder.write_metrics(self.metrics)
         self.folder.mark_evaluation_stale(len(self.metrics))
         draw_run_figures(self.vae, self.test_batches, self.metrics, self.folder, self.config.dataset, self.config.seed)
