@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from pyro_vae.train import TrainConfig, Trainer
+from pyro_vae import TrainConfig
+from pyro_vae.train import Trainer
 
 
 def benchmark_parser(description: str, rounds: int) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .names import ARCHITECTURES, BINARIZATIONS, ESTIMATORS, dataset_name
+from .names import ARCHITECTURES, BINARIZATIONS, ESTIMATORS, STEP_MODES, dataset_name
 
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")  # renyi tempers its weights under minibatches
 
@@ -40,8 +40,9 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     download: bool = False
+    step: str = "eager"  # "eager": plain Pyro ELBO; "traced": the graph traced from model/guide; "inductor": compiled too (pyro-vae train: traced)
 
-    RUNTIME_FIELDS = ("epochs", "device", "data_dir", "download")
+    RUNTIME_FIELDS = ("epochs", "device", "data_dir", "download", "step")
 
     def __post_init__(self):
         self.hidden = tuple(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ConfigError(f"the learning rate must be a number in (0, 10], got {self.lr}")
         if isinstance(self.kl_anneal_epochs, bool) or not isinstance(self.kl_anneal_epochs, (int, float)) or not (math.isfinite(self.kl_anneal_epochs) and self.kl_anneal_epochs >= 0):
             raise ConfigError(f"kl_anneal_epochs must be a finite number >= 0, got {self.kl_anneal_epochs}")
+        if self.step not in STEP_MODES:
+            raise ConfigError(f"unknown step mode {self.step!r}; choose one of {STEP_MODES}")
         if self.estimator not in TRAIN_ESTIMATORS:
             raise ConfigError(f"estimator {self.estimator!r} cannot train here; choose one of {TRAIN_ESTIMATORS}")
         if self.architecture not in ARCHITECTURES:

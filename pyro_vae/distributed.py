@@ -92,8 +92,14 @@ class SingleProcess:
     def all_or_none(self, doing: str) -> Iterator[None]:
         yield
 
-    def objective(self, vae: nn.Module, elbo: Any, device: torch.device):
-        """``loss_and_grads(x, kl_weight)``: ``-ELBO_beta`` of ``x`` (detached), gradients in ``.grad``."""
+    def objective(self, vae: nn.Module, elbo: Any, device: torch.device, step: str = "eager"):
+        """``loss_and_grads(x, kl_weight)``: ``-ELBO_beta`` of ``x`` (detached), gradients in ``.grad``;
+        ``step`` ``"traced"`` or ``"inductor"`` runs the graph traced from model and guide
+        (:class:`~pyro_vae.compiled.CompiledStep`, the same draws), ``"eager"`` the Pyro ELBO."""
+        if step != "eager":
+            from .compiled import CompiledStep
+
+            return CompiledStep(vae, elbo=elbo, compile=step).loss_and_grads
 
         def loss_and_grads(x: torch.Tensor, kl_weight: float) -> torch.Tensor:
             # the data were checked once when training started; per-step validation would stop at
@@ -146,8 +152,9 @@ class Distributed:
             raise ConfigError(f"the nccl backend reduces CUDA tensors only, but this run trains on {device}; use --backend gloo (or auto) or a CUDA device")
         return device
 
-    def objective(self, vae: nn.Module, elbo: Any, device: torch.device):
-        """``loss_and_grads(x, kl_weight)`` for the global batch ``x``: this rank runs its rows through
+    def objective(self, vae: nn.Module, elbo: Any, device: torch.device, step: str = "eager"):
+        """``loss_and_grads(x, kl_weight)`` for the global batch ``x`` (always the eager Pyro ELBO: ``step``
+        is ignored, the traced graph does not shard the noise): this rank runs its rows through
         DDP, whose backward sums the gradients of all ranks' rows; returns the global batch's
         ``-ELBO_beta``, the same on every rank, so all take the same skip-or-step decision."""
         loss_module = self.wrap(ELBOLoss(vae, elbo), device)

@@ -11,6 +11,7 @@ ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("softplus", "relu", "tanh", "elu")
 BINARIZATIONS = ("none", "threshold", "static", "dynamic", "dequantize")  # pixel preparations
 BACKENDS = ("auto", "nccl", "gloo")
+STEP_MODES = ("traced", "inductor", "eager")  # how a training step runs: pyro_vae.compiled
 DEFAULT_TIMEOUT_S = 600.0  # how long a rank of a distributed run waits for the others
 
 

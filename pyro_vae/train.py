@@ -54,7 +54,7 @@ class Trainer:
             if self.parallel.is_main:
                 self._held.enter_context(self.folder.locked("train"))
             self._setup(config, resume, progress, allow_different_data)
-        self.loss_and_grads = self.parallel.objective(self.vae, self.elbo, self.device)
+        self.loss_and_grads = self.parallel.objective(self.vae, self.elbo, self.device, config.step)
         if self.parallel.is_main and not resume:  # a resumed run's config.json changes with its first new checkpoint
             self.folder.write_config(config)
 

@@ -1,0 +1,357 @@
+"""The traced/compiled training step (issue 15) against the eager Pyro ELBO it is derived from.
+
+Equalities are checked in float64 with rtol 1e-6 under the same draws: the same seed before the
+eager ``elbo_loss(...).backward()`` and before ``CompiledStep.loss_and_grads``. The grid runs the
+traced graph (``compile="traced"``, no compile time); the inductor-compiled graph is checked in a
+few cases marked slow (a cold inductor compile takes tens of seconds on a small CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_vae.compiled import CompiledStep, FallbackWarning
+from pyro_vae.errors import DataError
+from pyro_vae.estimators import make_elbo
+from pyro_vae.model import VAE
+from pyro_vae.objective import elbo_loss
+
+from .conftest import binary_batch, continuous_batch
+
+LIKELIHOODS = [("bernoulli", "shared"), ("continuous_bernoulli", "shared"), ("normal", 0.5), ("normal", "shared"), ("normal", "pixel"), ("normal", "decoder")]
+ESTIMATORS = ["trace", "meanfield", "iwae"]
+KL_WEIGHT = 0.3
+
+
+def make_vae(architecture="mlp", likelihood="bernoulli", normal_scale="shared", cls=VAE, seed=0):
+    torch.manual_seed(seed)
+    if architecture == "conv":
+        vae = cls(x_dim=784, z_dim=2, hidden=8, architecture="conv", likelihood=likelihood, normal_scale=normal_scale)
+    else:
+        vae = cls(x_dim=6, z_dim=2, hidden=(5,), likelihood=likelihood, normal_scale=normal_scale)
+    return vae.double()
+
+
+def make_batch(vae, likelihood="bernoulli", n=None, seed=1):
+    n = n or (3 if vae.x_shape != (6,) else 4)
+    d = vae.x_shape[-1] if len(vae.x_shape) == 1 else 784
+    x = (binary_batch if likelihood == "bernoulli" else continuous_batch)(n, d, seed).double()
+    return x.view(n, *vae.x_shape)
+
+
+def eager_loss_and_grads(vae, estimator, particles, x, kl_weight, seed=5, elbo=None):
+    """The reference: the eager Pyro ELBO and backward(), from ``seed``; returns the loss, the
+    gradients and torch's RNG state afterwards."""
+    vae.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with pyro.validation_enabled(False):
+        loss = elbo_loss(elbo or make_elbo(estimator, particles), vae.model, vae.guide, x, kl_weight)
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in vae.parameters()]
+    vae.zero_grad(set_to_none=True)
+    return loss.detach(), grads, torch.get_rng_state()
+
+
+def graph_loss_and_grads(step, x, kl_weight, seed=5):
+    step.vae.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = step.loss_and_grads(x, kl_weight)
+    grads = [None if p.grad is None else p.grad.clone() for p in step.vae.parameters()]
+    step.vae.zero_grad(set_to_none=True)
+    return loss, grads, torch.get_rng_state()
+
+
+def assert_same(eager, graph, rtol=1e-6, atol=0.0):
+    (loss_e, grads_e, rng_e), (loss_g, grads_g, rng_g) = eager, graph
+    assert not loss_g.requires_grad
+    torch.testing.assert_close(loss_g, loss_e, rtol=rtol, atol=atol)
+    assert len(grads_e) == len(grads_g)
+    for i, (a, b) in enumerate(zip(grads_g, grads_e)):
+        assert (a is None) == (b is None), f"parameter {i}: gradient {a is not None} vs eager {b is not None}"
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, i=i: f"parameter {i}: {m}")
+    assert torch.equal(rng_g, rng_e), "the step left torch's RNG in another state than the eager step"
+
+
+GRID = (
+    [("mlp", est, lik, k) for est in ESTIMATORS for lik in LIKELIHOODS for k in (1, 3)]
+    + [("conv", est, LIKELIHOODS[0], k) for est in ESTIMATORS for k in (1, 2)]
+    + [("conv", "meanfield", lik, 2) for lik in LIKELIHOODS[1:]]
+)
+
+
+@pytest.mark.parametrize("architecture,estimator,likelihood,particles", GRID, ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_traced_step_equals_eager_pyro_elbo(architecture, estimator, likelihood, particles):
+    name, scale = likelihood
+    vae = make_vae(architecture, name, scale)
+    x = make_batch(vae, name)
+    eager = eager_loss_and_grads(vae, estimator, particles, x, KL_WEIGHT)
+    step = CompiledStep(vae, estimator, particles, compile="traced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        graph = graph_loss_and_grads(step, x, KL_WEIGHT)
+    assert step.fallback is None and not step.fallbacks
+    assert [g.mode for g in step.graphs.values()] == ["traced"]
+    assert_same(eager, graph)
+    # the graph is reused: another weight, another seed, no retrace
+    assert_same(eager_loss_and_grads(vae, estimator, particles, x, 1.0, seed=9), graph_loss_and_grads(step, x, 1.0, seed=9))
+    assert len(step.graphs) == 1
+
+
+def test_unvectorized_particles_draw_in_the_same_order():
+    vae = make_vae()
+    x = make_batch(vae)
+    elbo = make_elbo("trace", 3, vectorize_particles=False)
+    step = CompiledStep(vae, elbo=make_elbo("trace", 3, vectorize_particles=False), compile="traced")
+    assert_same(eager_loss_and_grads(vae, "trace", 3, x, KL_WEIGHT, elbo=elbo), graph_loss_and_grads(step, x, KL_WEIGHT))
+    assert len(next(iter(step.graphs.values())).noise) == 3
+
+
+def test_noise_is_drawn_with_the_eager_call_and_shape():
+    """The eps the graph gets are bitwise the eager rsample's, for K = 1 (N, z) and K > 1 (K, N, z)."""
+    vae = make_vae()
+    x = make_batch(vae)
+    for particles, shape in ((1, (4, 2)), (4, (4, 4, 2))):
+        step = CompiledStep(vae, "meanfield", particles, compile="traced")
+        graph_loss_and_grads(step, x, 1.0)
+        (spec,) = next(iter(step.graphs.values())).noise
+        assert spec.shape == shape and spec.dtype == torch.float64
+        # eager guide under the same seed: z = loc + eps * scale with the eps the graph would get
+        torch.manual_seed(11)
+        elbo = make_elbo("meanfield", particles)
+        guide_trace = pyro.poutine.trace(elbo._vectorized_num_particles(vae.guide)).get_trace(x)
+        torch.manual_seed(11)
+        eps = spec.draw()
+        loc, scale = vae.encoder(x)
+        assert torch.equal(guide_trace.nodes["z"]["value"], loc + eps * scale)
+
+
+def trainer_steps(vae, loss_and_grads, batches, lr=1e-2):
+    """The trainer's loop: zero_grad, loss and grads, grad norm, finite check, Adam."""
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    losses = []
+    for x in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False):
+            loss = loss_and_grads(x)
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), float("inf"))
+        assert torch.isfinite(loss + grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, optimizer
+
+
+def test_training_matches_eager_and_resume_is_bit_exact():
+    batches = [make_batch(make_vae(), seed=s) for s in range(8)]
+
+    def eager(vae):
+        elbo = make_elbo("meanfield", 2)
+
+        def loss_and_grads(x):
+            loss = elbo_loss(elbo, vae.model, vae.guide, x, KL_WEIGHT)
+            loss.backward()
+            return loss.detach()
+
+        return loss_and_grads
+
+    vae_e, vae_c = make_vae(seed=2), make_vae(seed=2)
+    torch.manual_seed(7)
+    losses_e, _ = trainer_steps(vae_e, eager(vae_e), batches)
+    torch.manual_seed(7)
+    step = CompiledStep(vae_c, "meanfield", 2, compile="traced")
+    losses_c, _ = trainer_steps(vae_c, lambda x: step.loss_and_grads(x, KL_WEIGHT), batches)
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-6, atol=0)
+    for a, b in zip(vae_c.parameters(), vae_e.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+    # resume: 4 steps, save model + optimizer + RNG, 4 more; vs a fresh process-like restart
+    full = make_vae(seed=2)
+    torch.manual_seed(7)
+    full_step = CompiledStep(full, "meanfield", 2, compile="traced")
+    _, optimizer = trainer_steps(full, lambda x: full_step.loss_and_grads(x, KL_WEIGHT), batches[:4])
+    saved = copy.deepcopy(full.state_dict()), copy.deepcopy(optimizer.state_dict()), torch.get_rng_state()
+    # continue with the same optimizer object
+    opt_losses = []
+    for x in batches[4:]:
+        optimizer.zero_grad(set_to_none=True)
+        opt_losses.append(full_step.loss_and_grads(x, KL_WEIGHT).item())
+        optimizer.step()
+    pyro.clear_param_store()
+    resumed = make_vae(seed=99)
+    resumed.load_state_dict(saved[0])
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    resumed_opt.load_state_dict(saved[1])
+    torch.set_rng_state(saved[2])
+    resumed_step = CompiledStep(resumed, "meanfield", 2, compile="traced")
+    resumed_losses = []
+    for x in batches[4:]:
+        resumed_opt.zero_grad(set_to_none=True)
+        resumed_losses.append(resumed_step.loss_and_grads(x, KL_WEIGHT).item())
+        resumed_opt.step()
+    assert resumed_losses == opt_losses
+    for a, b in zip(resumed.parameters(), full.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_new_batch_shape_gets_its_own_graph():
+    vae = make_vae()
+    step = CompiledStep(vae, "iwae", 2, compile="traced")
+    for n in (4, 7, 4):
+        x = make_batch(vae, n=n, seed=n)
+        assert_same(eager_loss_and_grads(vae, "iwae", 2, x, KL_WEIGHT), graph_loss_and_grads(step, x, KL_WEIGHT))
+    assert len(step.graphs) == 2 and step.fallback is None
+
+
+def test_gradients_accumulate_into_existing_grad():
+    vae = make_vae()
+    x = make_batch(vae)
+    _, grads, _ = eager_loss_and_grads(vae, "meanfield", 1, x, 1.0)
+    step = CompiledStep(vae, "meanfield", 1, compile="traced")
+    for p in vae.parameters():
+        p.grad = torch.ones_like(p)
+    torch.manual_seed(5)
+    step.loss_and_grads(x)
+    for p, g in zip(vae.parameters(), grads):
+        torch.testing.assert_close(p.grad, g + 1, rtol=1e-6, atol=0)
+
+
+def test_dtype_change_retraces():
+    vae = make_vae()
+    step = CompiledStep(vae, "trace", 1, compile="traced")
+    x = make_batch(vae)
+    step.loss_and_grads(x)
+    vae.float()
+    assert_same(eager_loss_and_grads(vae, "trace", 1, x.float(), 1.0), graph_loss_and_grads(step, x.float(), 1.0), rtol=1e-5)
+    assert len(step.graphs) == 2
+
+
+class GrowingVAE(VAE):
+    """From its ``grow_at``-th model call on, the model has an extra observed site."""
+
+    grow_at = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_calls = 0
+        self.extra = torch.nn.Parameter(torch.tensor(3.0))
+
+    def model(self, x=None, **kwargs):
+        self.model_calls += 1
+        result = super().model(x, **kwargs)
+        if self.model_calls >= self.grow_at:
+            pyro.module(f"{self.name}.extra", torch.nn.ParameterList([self.extra]))
+            pyro.sample("extra", dist.Normal(self.extra, 1.0), obs=torch.zeros((), dtype=self.extra.dtype))
+        return result
+
+
+def test_model_that_changes_between_calls_falls_back_and_trains():
+    vae = make_vae(cls=GrowingVAE)  # changes on its 2nd call: recording and traced runs differ
+    step = CompiledStep(vae, "meanfield", 1, compile="traced")
+    batches = [make_batch(vae, seed=s) for s in range(40)]
+    with pytest.warns(FallbackWarning, match="different sites"):
+        losses, _ = trainer_steps(vae, step.loss_and_grads, batches, lr=3e-2)
+    assert step.fallback is not None and "different sites" in step.fallback
+    assert len(step.fallbacks) == 1
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert vae.extra.item() < 3.0  # the extra site's parameter trained too (eagerly)
+
+
+def test_audit_retraces_a_model_that_changed_later():
+    vae = make_vae(cls=GrowingVAE)
+    vae.grow_at = 4  # stable while recording and tracing (model calls 1-2), grows at call 4
+    step = CompiledStep(vae, "meanfield", 1, compile="traced", audit_every=2)
+    x = make_batch(vae)
+    for _ in range(3):
+        step.loss_and_grads(x)  # model calls 1 and 2 trace; graph calls 1, 2, then an audit (call 3), graph call 3
+    assert vae.model_calls == 3
+    step.loss_and_grads(x)  # graph call 4
+    with pytest.warns(FallbackWarning, match="sites changed"):
+        step.loss_and_grads(x)  # audit (model call 4): grown, so re-traced
+    # re-traced with the extra site: the graph now matches the grown eager model, extra's gradient included
+    assert step.fallback is None and [g.mode for g in step.graphs.values()] == ["traced"]
+    eager = eager_loss_and_grads(vae, "meanfield", 1, x, KL_WEIGHT)
+    assert eager[1][0] is not None  # extra, the first parameter
+    assert_same(eager, graph_loss_and_grads(step, x, KL_WEIGHT))
+
+
+class DataDependentVAE(VAE):
+    def model(self, x=None, **kwargs):
+        if x is not None and x.sum() > 0:  # Python control flow on a tensor's value: not traceable
+            return super().model(x, **kwargs)
+        return super().model(x, **kwargs)
+
+
+class ForeignParamVAE(VAE):
+    def model(self, x=None, **kwargs):
+        shift = pyro.param("shift", torch.zeros((), dtype=torch.float64))  # not a module parameter
+        with pyro.plate("extra_data", x.shape[0], dim=-1):
+            pyro.sample("shift_obs", dist.Normal(shift, 1.0), obs=torch.ones(x.shape[0], dtype=torch.float64))
+        return super().model(x, **kwargs)
+
+
+class DiscreteLatentVAE(VAE):
+    def model(self, x=None, **kwargs):
+        with pyro.plate("extra_data", x.shape[0], dim=-1):
+            pyro.sample("c", dist.Bernoulli(torch.full((x.shape[0],), 0.5, dtype=torch.float64)))
+        return super().model(x, **kwargs)
+
+    def guide(self, x, **kwargs):
+        with pyro.plate("extra_data", x.shape[0], dim=-1):
+            pyro.sample("c", dist.Bernoulli(torch.full((x.shape[0],), 0.5, dtype=torch.float64)))
+        return super().guide(x, **kwargs)
+
+
+@pytest.mark.parametrize("cls,reason", [(DataDependentVAE, "data-dependent|value out of a tracing tensor|_local_scalar_dense"), (ForeignParamVAE, "not a parameter of the VAE"), (DiscreteLatentVAE, "cannot be supplied")])
+def test_untraceable_programs_fall_back_to_the_eager_elbo(cls, reason):
+    vae = make_vae(cls=cls)
+    x = make_batch(vae)
+    eager = eager_loss_and_grads(vae, "trace", 1, x, KL_WEIGHT)
+    step = CompiledStep(vae, "trace", 1, compile="inductor")
+    with pytest.warns(FallbackWarning, match="eager Pyro ELBO") as record:
+        graph = graph_loss_and_grads(step, x, KL_WEIGHT)
+    assert len(record) == 1
+    assert step.fallback is not None and len(step.fallbacks) == 1
+    assert re.search(reason, step.fallback), step.fallback
+    assert_same(eager, graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # the notice comes once
+        graph_loss_and_grads(step, x, KL_WEIGHT)
+
+
+def test_bad_data_raises_the_eager_error_and_caches_nothing():
+    vae = make_vae()
+    step = CompiledStep(vae, "meanfield", 1, compile="traced")
+    with pytest.raises(DataError, match="shape"):
+        step.loss_and_grads(torch.zeros(4, 5, dtype=torch.float64))
+    assert not step.graphs
+
+
+def test_eager_mode_is_the_plain_elbo():
+    vae = make_vae()
+    x = make_batch(vae)
+    step = CompiledStep(vae, "iwae", 3, compile="eager")
+    assert_same(eager_loss_and_grads(vae, "iwae", 3, x, KL_WEIGHT), graph_loss_and_grads(step, x, KL_WEIGHT))
+    assert not step.graphs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture,estimator,particles", [("mlp", "meanfield", 1), ("conv", "iwae", 2)])
+def test_inductor_compiled_step_equals_eager(architecture, estimator, particles):
+    vae = make_vae(architecture, "normal", "pixel")
+    x = make_batch(vae, "normal")
+    step = CompiledStep(vae, estimator, particles, compile="inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        graph = graph_loss_and_grads(step, x, KL_WEIGHT)
+    (built,) = step.graphs.values()
+    assert built.mode == "inductor" and built.compile_seconds > 0
+    # inductor may reorder float64 sums: elementwise 1e-6 with a floor far below the gradients' scale
+    assert_same(eager_loss_and_grads(vae, estimator, particles, x, KL_WEIGHT), graph, rtol=1e-6, atol=1e-9)
+    assert_same(eager_loss_and_grads(vae, estimator, particles, x, 2.0, seed=8), graph_loss_and_grads(step, x, 2.0, seed=8), rtol=1e-6, atol=1e-9)
