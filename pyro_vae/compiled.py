@@ -261,7 +261,8 @@ class CompiledStep:
             parameters are the module's).
         elbo_name: an estimator of :func:`~pyro_vae.make_elbo` (``"trace"``, ``"meanfield"``,
             ``"iwae"``), or pass ``elbo=`` an ELBO instance.
-        num_particles, vectorize_particles: as for :func:`~pyro_vae.make_elbo`.
+        num_particles: as for :func:`~pyro_vae.make_elbo`.
+        vectorize_particles: as for :func:`~pyro_vae.make_elbo`.
         compile: ``"inductor"`` (compile the traced graph with TorchInductor, ``torch.compile``'s
             backend: ~5-35 s per signature on a small CPU, cached on disk by inductor), ``"traced"``
             (run the traced graph as it is: no compile time, no Pyro overhead, but unfused) or
