@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .names import ARCHITECTURES, BINARIZATIONS, ESTIMATORS, STEP_MODES, dataset_name
+from .names import ARCHITECTURES, ESTIMATORS, STEP_MODES, check_binarization_name, dataset_name
 
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")  # renyi tempers its weights under minibatches
 
@@ -94,8 +94,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.hidden, tuple) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
             raise ConfigError(f"hidden layer widths must be positive integers, got {self.hidden!r}")
-        if self.binarize not in BINARIZATIONS:
-            raise ConfigError(f"unknown binarization {self.binarize!r}; valid: {', '.join(BINARIZATIONS)}")
+        check_binarization_name(self.binarize)
         from .likelihoods import likelihood_class
 
         likelihood_class(self.likelihood).check_binarization(self.binarize)

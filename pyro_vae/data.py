@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .names import BINARIZATIONS, DATASETS, dataset_name
+from .names import DATASETS, check_binarization_name, dataset_name
 from .networks import IMAGE_SHAPE
 
 # ImageDataset field -> IDX file stem; torchvision uses the same stems for all three datasets.
@@ -195,11 +195,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     if files is None:
         raise DataError(f"torchvision reported a download of {name!r} but {raw} lacks its IDX files; delete {raw} and try again")
     return _load_idx_dir(name, raw.resolve(), files)
-
-
-def check_binarization_name(binarization: str) -> None:
-    if binarization not in BINARIZATIONS:
-        raise ConfigError(f"unknown binarization {binarization!r}; valid: {', '.join(BINARIZATIONS)}")
 
 
 def _generator(seed: int, stream: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -1,7 +1,7 @@
 """The names the library and the command line accept, in one module that imports nothing heavy,
 so that ``pyro-vae --help`` answers without loading torch. """
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal", "discretized_logistic", "discretized_normal", "discretized_logistic_mixture")
@@ -13,6 +13,12 @@ BINARIZATIONS = ("none", "threshold", "static", "dynamic", "dequantize")  # pixe
 BACKENDS = ("auto", "nccl", "gloo")
 STEP_MODES = ("traced", "inductor", "eager")  # how a training step runs: pyro_vae.compiled
 DEFAULT_TIMEOUT_S = 600.0  # how long a rank of a distributed run waits for the others
+
+
+def check_binarization_name(binarization: str) -> None:
+    """:class:`~pyro_vae.errors.ConfigError` unless ``binarization`` is one of :data:`BINARIZATIONS`."""
+    if binarization not in BINARIZATIONS:
+        raise ConfigError(f"unknown binarization {binarization!r}; valid: {', '.join(BINARIZATIONS)}")
 
 
 def dataset_name(name: str) -> str:

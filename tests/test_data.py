@@ -8,7 +8,6 @@ import torch
 
 from pyro_vae import data
 from pyro_vae.data import (
-    BINARIZATIONS,
     SYSTEM_DATA_DIRS,
     DeviceBatches,
     load_dataset,
@@ -16,6 +15,7 @@ from pyro_vae.data import (
 )
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.likelihoods import likelihood_class
+from pyro_vae.names import BINARIZATIONS
 
 from .idx_files import N_TEST, N_TRAIN, fake_arrays, write_dataset, write_idx
 
