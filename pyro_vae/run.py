@@ -221,6 +221,10 @@ class RunFolder:
 
     def load_state(self) -> dict[str, Any]:
         """The checkpoint, checked against :func:`check_state`; :class:`ConfigError` if absent or damaged."""
+        return self.load_checked()[0]
+
+    def load_checked(self) -> tuple[dict[str, Any], TrainConfig, VAE]:
+        """The checkpoint with its configuration and the VAE it describes (on the CPU), each checked once."""
         if not self.checkpoint_path.is_file():
             if (self.path / self.CONFIG).exists():
                 raise ConfigError(f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it again without --resume")
@@ -228,8 +232,9 @@ class RunFolder:
         state = load_checkpoint(self.checkpoint_path)
         check_state(state, self.checkpoint_path)
         config = TrainConfig.from_dict(state["config"], f"the configuration in {self.checkpoint_path}")
-        check_optimizer(load_vae(config, state["model"], self.checkpoint_path), state["optimizer"], self.checkpoint_path)
-        return state
+        vae = load_vae(config, state["model"], self.checkpoint_path)
+        check_optimizer(vae, state["optimizer"], self.checkpoint_path)
+        return state, config, vae
 
     def mark_evaluation_stale(self, epochs: int) -> None:
         """Flag an ``evaluation.json`` that describes an earlier checkpoint than the one of ``epochs``."""
@@ -343,7 +348,5 @@ def check_optimizer(vae: VAE, saved: dict[str, Any], source: Path) -> None:
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> SavedRun:
     """The saved run in ``run_dir``, its VAE on ``device`` in eval mode."""
     folder = RunFolder(run_dir)
-    state = folder.load_state()
-    config = TrainConfig.from_dict(state["config"], f"the configuration in {folder.checkpoint_path}")
-    vae = load_vae(config, state["model"], folder.checkpoint_path).to(resolve_device(device)).eval()
-    return SavedRun(folder, config, vae, state["metrics"], state["data"])
+    state, config, vae = folder.load_checked()
+    return SavedRun(folder, config, vae.to(resolve_device(device)).eval(), state["metrics"], state["data"])
