@@ -60,11 +60,11 @@ import pyro.util
 import torch
 from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
 from .estimators import make_elbo
 from .names import STEP_MODES
+from .noise import UnsuppliableNoise, reparameterized_normal
 from .objective import check_kl_weight, elbo_loss
 
 
@@ -85,16 +85,6 @@ def _site_record(msg) -> tuple:
     fn = msg["fn"]
     shape = tuple(fn.batch_shape) + tuple(fn.event_shape) if hasattr(fn, "batch_shape") else ()
     return (msg["type"], msg["name"], type(fn).__name__, bool(msg["is_observed"]), shape)
-
-
-def _normal_base(fn):
-    base = fn
-    while isinstance(base, torch.distributions.Independent):
-        base = base.base_dist
-    # a Normal whose rsample is torch's loc + eps * scale (pyro.distributions.Normal included)
-    if isinstance(base, torch.distributions.Normal) and type(base).rsample is torch.distributions.Normal.rsample:
-        return base
-    return None
 
 
 @dataclass(frozen=True)
@@ -131,16 +121,13 @@ class SuppliedNoise(Messenger):
 
     def _pyro_sample(self, msg) -> None:
         self.sites.append(_site_record(msg))
-        if msg["is_observed"] or msg["value"] is not None:
+        try:
+            base = reparameterized_normal(msg)
+        except UnsuppliableNoise as e:
+            return self._refuse(str(e))
+        if base is None:
             return
         fn, name = msg["fn"], msg["name"]
-        if isinstance(fn, _Subsample):
-            if fn.subsample_size is None or fn.subsample_size == fn.size:
-                return  # a plate without subsampling draws nothing
-            return self._refuse(f"plate {name!r} subsamples at random")
-        base = _normal_base(fn)
-        if base is None or msg["args"] or msg["kwargs"]:
-            return self._refuse(f"sample site {name!r} ({type(fn).__name__}) draws noise that cannot be supplied to a graph; only reparameterized Normal sites can")
         shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
         if self.eps is None:
             spec = NoiseSpec(name, shape, base.loc.dtype, base.loc.device)

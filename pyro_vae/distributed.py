@@ -46,12 +46,12 @@ import pyro
 import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError
 from .names import BACKENDS, DEFAULT_TIMEOUT_S
+from .noise import UnsuppliableNoise, reparameterized_normal
 from .objective import elbo_loss
 from .runtime import resolve_device
 
@@ -410,18 +410,13 @@ class GlobalBatchNoise(Messenger):
         self.start, self.stop, self.global_size, self.plate = start, stop, global_size, plate
 
     def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or msg["value"] is not None:
+        try:
+            base = reparameterized_normal(msg)
+        except UnsuppliableNoise as e:
+            raise DistributedError(f"{e}; distributed training cannot match its draws to the global batch") from None
+        if base is None:
             return
         fn, name = msg["fn"], msg["name"]
-        if isinstance(fn, _Subsample):
-            if fn.subsample_size is None or fn.subsample_size == fn.size:
-                return  # a plate without subsampling draws nothing
-            raise DistributedError(f"plate {name!r} subsamples at random; distributed training shards the global batch itself, use num_data instead")
-        base = fn
-        while isinstance(base, torch.distributions.Independent):
-            base = base.base_dist
-        if not isinstance(base, torch.distributions.Normal) or msg["args"] or msg["kwargs"]:
-            raise DistributedError(f"sample site {name!r} ({type(fn).__name__}) draws noise that distributed training cannot match to the global batch; only reparameterized Normal sites are supported")
         frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
         if frame is None:
             raise DistributedError(f"sample site {name!r} is outside the {self.plate!r} plate, so it has no rows to shard")
