@@ -25,7 +25,10 @@ from pyro_vae.objective import elbo_loss
 
 from .conftest import binary_batch, continuous_batch
 
-LIKELIHOODS = [("bernoulli", "shared"), ("continuous_bernoulli", "shared"), ("normal", 0.5), ("normal", "shared"), ("normal", "pixel"), ("normal", "decoder")]
+LIKELIHOODS = [
+    ("bernoulli", "shared"), ("continuous_bernoulli", "shared"), ("normal", 0.5), ("normal", "shared"), ("normal", "pixel"), ("normal", "decoder"),
+    ("discretized_logistic", "shared"), ("discretized_normal", "shared"), ("discretized_logistic_mixture", "shared"),
+]
 ESTIMATORS = ["trace", "meanfield", "iwae"]
 KL_WEIGHT = 0.3
 
@@ -42,7 +45,10 @@ def make_vae(architecture="mlp", likelihood="bernoulli", normal_scale="shared", 
 def make_batch(vae, likelihood="bernoulli", n=None, seed=1):
     n = n or (3 if vae.x_shape != (6,) else 4)
     d = vae.x_shape[-1] if len(vae.x_shape) == 1 else 784
-    x = (binary_batch if likelihood == "bernoulli" else continuous_batch)(n, d, seed).double()
+    if likelihood.startswith("discretized"):
+        x = torch.randint(0, 256, (n, d), generator=torch.Generator().manual_seed(seed)).double() / 255  # 8-bit levels
+    else:
+        x = (binary_batch if likelihood == "bernoulli" else continuous_batch)(n, d, seed).double()
     return x.view(n, *vae.x_shape)
 
 
@@ -85,9 +91,19 @@ GRID = (
     + [("conv", est, LIKELIHOODS[0], k) for est in ESTIMATORS for k in (1, 2)]
     + [("conv", "meanfield", lik, 2) for lik in LIKELIHOODS[1:]]
 )
+# the fast lane's part of the grid: every estimator x likelihood pair once on the MLP, K = 1 and
+# K = 3 in turn, and three conv cases; the whole grid runs with the slow tests
+FAST = (
+    [("mlp", est, lik, (1, 3)[(i + j) % 2]) for i, est in enumerate(ESTIMATORS) for j, lik in enumerate(LIKELIHOODS)]
+    + [("conv", "trace", LIKELIHOODS[0], 1), ("conv", "iwae", LIKELIHOODS[0], 2), ("conv", "meanfield", LIKELIHOODS[-1], 2)]
+)
 
 
-@pytest.mark.parametrize("architecture,estimator,likelihood,particles", GRID, ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "architecture,estimator,likelihood,particles",
+    [case if case in FAST else pytest.param(*case, marks=pytest.mark.slow) for case in GRID],
+    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
 def test_traced_step_equals_eager_pyro_elbo(architecture, estimator, likelihood, particles):
     name, scale = likelihood
     vae = make_vae(architecture, name, scale)
