@@ -56,6 +56,7 @@ def test_compare_on_the_linear_gaussian_model_writes_table_csv_and_figure(tmp_pa
     assert matplotlib.image.imread(tmp_path / "linear_gaussian.png").shape[1] > 500
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint_with_more_epochs(tmp_path, data_dir):
     run = str(tmp_path / "run")
     assert main(["train", *TINY, "--data-dir", data_dir, "--epochs", "1", "--run-dir", run]) == 0

@@ -50,6 +50,7 @@ def test_the_usual_spellings_of_fashion_mnist_are_accepted(spelling):
     assert parser().parse_args(["train", "--dataset", spelling]).dataset == "fashion_mnist"
 
 
+@pytest.mark.slow
 def test_a_new_run_is_named_by_its_architecture_and_a_resume_says_where_it_starts(tmp_path, monkeypatch, capsys):
     write_dataset(tmp_path / "data", gz=False, n_train=64, n_test=16)
     monkeypatch.chdir(tmp_path)

@@ -39,7 +39,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("path", PAGES, ids=page_id)
+# pages whose examples train or draw for seconds: the fast lane leaves them out
+SLOW_PAGES = {"math/elbo.md", "math/estimators.md"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if page_id(p) in SLOW_PAGES else p for p in PAGES], ids=page_id)
 def test_examples_run(path, one_thread):
     result = doctest.testfile(str(path), module_relative=False, optionflags=OPTIONFLAGS, encoding="utf-8")
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples of {page_id(path)} failed (details above)"

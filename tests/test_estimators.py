@@ -68,6 +68,7 @@ def single_particle_draws():
     return vae, x, {name: loss_draws(make_elbo(name, 1), vae, x, 3000) for name in ("trace", "meanfield")}
 
 
+@pytest.mark.slow
 def test_trace_and_meanfield_agree_in_expectation(single_particle_draws):
     vae, x, draws = single_particle_draws
     trace, meanfield = draws["trace"], draws["meanfield"]
@@ -78,6 +79,7 @@ def test_trace_and_meanfield_agree_in_expectation(single_particle_draws):
         assert abs(-m - truth) <= Z * math.sqrt(se**2 + truth_se**2)
 
 
+@pytest.mark.slow
 def test_meanfield_has_lower_variance_than_trace(single_particle_draws):
     _, _, draws = single_particle_draws
     trace, meanfield = draws["trace"], draws["meanfield"]
@@ -103,6 +105,7 @@ def flat_gradient(loss_fn, vae, x):
     return torch.cat([p.grad.flatten() for p in vae.parameters()]).double()
 
 
+@pytest.mark.slow
 def test_gradients_of_trace_and_meanfield_agree_in_expectation(vae, x):
     draws = {}
     for name in ("trace", "meanfield"):
@@ -116,6 +119,7 @@ def test_gradients_of_trace_and_meanfield_agree_in_expectation(vae, x):
         assert_means_agree(draws[name], reference)
 
 
+@pytest.mark.slow
 def test_vectorized_and_sequential_particles_give_the_same_estimate(vae, x):
     for name in ("trace", "meanfield", "iwae"):
         vectorized = loss_draws(make_elbo(name, 4, vectorize_particles=True), vae, x, 300)
@@ -156,6 +160,7 @@ def test_minibatch_scaling_multiplies_iwae_but_tempers_renyi(vae, x):
         assert (scaled == pytest.approx(20 * full, rel=1e-5)) is scales_linearly, (name, scaled, 20 * full)
 
 
+@pytest.mark.slow
 def test_importance_weighted_bound_is_above_the_elbo_and_grows_with_k(vae, x):
     means = {}
     for k in (1, 4, 16, 64):

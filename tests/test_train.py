@@ -43,11 +43,13 @@ def test_a_run_leaves_config_metrics_checkpoint_and_figures(tmp_path, data_dir):
     assert config.z_dim == 2 and saved == metrics and not vae.training
 
 
+@pytest.mark.slow
 def test_training_improves_the_elbo(tmp_path, data_dir):
     metrics = train(TrainConfig(epochs=4, data_dir=data_dir, **SMALL), tmp_path / "run", progress=False)
     assert metrics[-1]["train_elbo"] > metrics[0]["train_elbo"] + 10
 
 
+@pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
     config = dict(data_dir=data_dir, estimator="trace", num_particles=2, kl_anneal_epochs=2, **SMALL)
     straight = train(TrainConfig(epochs=3, **config), tmp_path / "straight", progress=False)
