@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --epochs 50 --test-images 10000 --num-samples 5000
     python benchmarks/quality.py --suite 8bit --epochs 5 --test-images 1000 --num-samples 5000
+    python benchmarks/quality.py --suite 8bit --epochs 5 --test-images 1000 --time-training runs/timing
 
 ``--suite binarized`` (the default) compares models on dynamically binarized pixels. ``--suite
 8bit`` compares likelihoods of the 8-bit pixels with one architecture and budget: the discretized
@@ -13,7 +14,9 @@ Trains each model with ``pyro_vae.train`` (dynamically binarized pixels for Bern
 continuous pixels otherwise) and estimates the test log-likelihood with K importance samples per
 image (Burda et al. 2015 use K = 5000), with its standard error over images. One JSON line per model
 is appended to ``--results`` as soon as it is done, so a long run keeps what it finished; rerunning
-skips the models already there. ``--models`` picks a subset. Published anchors on dynamically
+skips the models already there. ``--models`` picks a subset. ``--time-training`` trains the models
+afresh one after another and prints their training times side by side (a resumed or interleaved
+run's times do not compare). Published anchors on dynamically
 binarized Fashion-MNIST (Exemplar VAE paper): Gaussian-prior VAE -228.70, VampPrior -227.35,
 Exemplar VAE -226.75 nats.
 """
@@ -61,19 +64,19 @@ def evaluate(trainer: Trainer, num_samples: int, chunk_size: int) -> dict:
 
 
 def plot_bits_per_dim(rows: list[dict], path: Path) -> Path:
-    """Bars of bits/dim on 8-bit pixels (the dequantized bound for densities), 2 standard errors."""
+    """Bars of bits/dim on 8-bit pixels (the dequantized bound for densities), 2 standard errors,
+    best first."""
     from matplotlib.figure import Figure
 
     from pyro_vae.checkpoint import replace_atomically
 
-    names, bits, errors, colors = [], [], [], []
+    bars = []
     for row in rows:
         dequantized = row["bits_per_dim"] is None
         nats, se = (row["dequantized_log_likelihood"], row["dequantized_log_likelihood_se"]) if dequantized else (row["test_log_likelihood"], row["test_log_likelihood_se"])
-        names.append(row["model"] + ("\n(dequantized bound)" if dequantized else ""))
-        bits.append(-nats / (784 * math.log(2)))
-        errors.append(2 * se / (784 * math.log(2)))
-        colors.append("tab:orange" if dequantized else "tab:blue")
+        label = row["model"] + ("\n(dequantized bound)" if dequantized else "")
+        bars.append((-nats / (784 * math.log(2)), 2 * se / (784 * math.log(2)), label, "tab:orange" if dequantized else "tab:blue"))
+    bits, errors, names, colors = zip(*sorted(bars))
     fig = Figure(figsize=(8, 0.7 * len(rows) + 1.5), layout="constrained")
     ax = fig.add_subplot()
     ax.barh(range(len(rows)), bits, xerr=errors, color=colors)
@@ -85,6 +88,31 @@ def plot_bits_per_dim(rows: list[dict], path: Path) -> Path:
     ax.set_xlim(0, max(bits) * 1.2)
     replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
+
+
+def folder_name(model: str) -> str:
+    """The run folder of a model: its name up to the first comma, with underscores."""
+    return model.split(",")[0].replace(" ", "_").replace(":", "")
+
+
+def time_training(models: dict[str, dict], args) -> None:
+    """Train each model afresh, one after another in this process, and print its training time, its
+    ratio to the first model's, and whether its test ELBO is the one ``--results`` recorded (same
+    seed and data: the same model, so the recorded row's evaluation belongs to this training)."""
+    recorded = {}
+    if args.results.exists():
+        recorded = {row["model"]: row["test_elbo"] for row in map(json.loads, args.results.read_text().splitlines())}
+    first = None
+    for name, options in models.items():
+        config = TrainConfig(epochs=args.epochs, max_test=args.test_images, device=args.device, data_dir=args.data_dir, **options)
+        trainer = Trainer(config, args.time_training / folder_name(name), progress=False)
+        start = time.perf_counter()
+        trainer.run()
+        seconds = time.perf_counter() - start
+        first = first or seconds
+        test_elbo = trainer.metrics[-1]["test_elbo"]
+        same = "not recorded" if name not in recorded else ("the recorded one" if test_elbo == recorded[name] else f"NOT the recorded {recorded[name]}")
+        print(f"{name}: {seconds:.0f} s training ({seconds / first:.2f}x the first), test ELBO {test_elbo} ({same})", flush=True)
 
 
 def main(argv=None):
@@ -100,6 +128,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--figure", type=Path, default=None, help="8bit suite: draw the results' bits/dim as a PNG here and stop")
+    p.add_argument("--time-training", type=Path, default=None, metavar="DIR",
+                   help="train the models afresh in DIR, one after another in this process, print their training times side by side, and stop")
     args = p.parse_args(argv)
     if args.figure:
         results = args.results or Path(f"runs/quality/{args.suite}.jsonl")
@@ -111,19 +141,25 @@ def main(argv=None):
     unknown = set(args.models or ()) - set(models)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; the {args.suite} suite has {list(models)}")
+    if args.time_training:
+        if args.time_training.exists():
+            p.error(f"--time-training {args.time_training} exists; name a new folder")
+        time_training({name: models[name] for name in args.models or models}, args)
+        return
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["model"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()
     for name in args.models or list(models):
         if name in done:
             continue
         config = TrainConfig(epochs=args.epochs, max_test=args.test_images, device=args.device, data_dir=args.data_dir, **models[name])
-        run_dir = args.results.parent / args.suite / name.split(",")[0].replace(" ", "_").replace(":", "") / f"{config.estimator}-K{config.num_particles}-{config.likelihood}"
+        run_dir = args.results.parent / args.suite / folder_name(name) / f"{config.estimator}-K{config.num_particles}-{config.likelihood}"
         trainer = Trainer(config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=False)
-        start = time.perf_counter()
+        epochs_before, start = trainer.epochs_done, time.perf_counter()
         trainer.run()
-        train_seconds = time.perf_counter() - start
+        # the training time is reported only when this call trained every epoch
+        train_seconds = round(time.perf_counter() - start) if epochs_before == 0 else None
         start = time.perf_counter()
-        row = {"model": name, **evaluate(trainer, args.num_samples, args.chunk_size), "epochs": args.epochs, "train_seconds": round(train_seconds),
+        row = {"model": name, **evaluate(trainer, args.num_samples, args.chunk_size), "epochs": args.epochs, "train_seconds": train_seconds,
                "eval_seconds": round(time.perf_counter() - start), "num_samples": args.num_samples, "test_images": trainer.test_batches.labels.numel(),
                "device": str(trainer.device), "threads": args.threads, "binarization": config.binarize}
         with args.results.open("a") as f:
@@ -131,7 +167,7 @@ def main(argv=None):
         bits = row["bits_per_dim"] if row["bits_per_dim"] is not None else row["dequantized_bits_per_dim"]
         print(f"{name}: test log p(x) {row['test_log_likelihood']:.2f} +- {row['test_log_likelihood_se']:.2f} ({row['data_kind']}), "
               f"bits/dim {'-' if bits is None else f'{bits:.4f}'}, test ELBO {row['test_elbo']:.2f} "
-              f"({args.epochs} epochs, {train_seconds:.0f} s training, {row['eval_seconds']} s evaluation)", flush=True)
+              f"({args.epochs} epochs, {'resumed, not timed' if train_seconds is None else f'{train_seconds} s'} training, {row['eval_seconds']} s evaluation)", flush=True)
 
 
 if __name__ == "__main__":
