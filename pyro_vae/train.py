@@ -30,6 +30,7 @@ from .data import load_dataset
 from .errors import ConfigError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
+from .model import VAE
 from .config import TrainConfig
 from .run import RunFolder, build_vae, check_same_data, data_identity, split_batches
 from .runtime import rng_state, set_rng_state
@@ -61,7 +62,7 @@ class Trainer:
     def _setup(self, config: TrainConfig, resume: bool, progress: bool, allow_different_data: bool) -> None:
         config.validate()
         self.config, self.progress = config, progress and self.parallel.is_main
-        state = self._resume_state() if resume else None
+        state, saved_vae = self._resume_state() if resume else (None, None)
         if not resume and not self.folder.is_fresh_for(config):
             raise ConfigError(f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or choose another --run-dir")
         self.device = self.parallel.device(config.device)
@@ -72,12 +73,11 @@ class Trainer:
         self.train_batches = split_batches(config, self.dataset, "train", self.device)
         self.test_batches = split_batches(config, self.dataset, "test", self.device)
         torch.manual_seed(config.seed)
-        self.vae = build_vae(config).to(self.device)
+        self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
         self.elbo = make_elbo(config.estimator, config.num_particles, vectorize_particles=True)
         self.metrics: list[dict[str, Any]] = []
         if state is not None:
-            self.vae.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.metrics = state["metrics"]
             set_rng_state(state["rng"])
@@ -85,14 +85,16 @@ class Trainer:
         self.vae.check_data(next(self.train_batches.epoch(0))[0])  # support, shape, dtype, device: once
         self.bad_in_a_row = 0
 
-    def _resume_state(self) -> dict[str, Any]:
-        state = self.folder.load_state()
-        saved = TrainConfig.from_dict(state["config"], f"the configuration in {self.folder.checkpoint_path}").identity()
+    def _resume_state(self) -> tuple[dict[str, Any], VAE]:
+        """The checkpoint to resume and its trained VAE (on the CPU), both checked; the run's
+        configuration must match the checkpoint's in every field that defines the model."""
+        state, saved_config, vae = self.folder.load_checked()
+        saved = saved_config.identity()
         changed = {k: (saved[k], v) for k, v in self.config.identity().items() if saved.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
             raise ConfigError(f"cannot resume {self.folder.path}: its checkpoint was trained with a different configuration ({detail})")
-        return state
+        return state, vae
 
     @property
     def epochs_done(self) -> int:
