@@ -50,6 +50,8 @@ class _PixelLevels(constraints.Constraint):
     event_dim = 0
 
     def check(self, value):
+        if not torch.is_floating_point(value):  # integer arithmetic would wrap 255 * value
+            return torch.zeros_like(value, dtype=torch.bool)
         k = value * TOP
         return ((k - k.round()).abs() <= LEVEL_ATOL) & (k > -0.5) & (k < TOP + 0.5)
 
@@ -87,7 +89,7 @@ class _Discretized(dist.TorchDistribution):
     units, ``width = b - a`` computed without cancellation. The edges are computed in levels,
     ``a = (k - 0.5 - 255 loc) / (255 scale)``, where ``k +- 0.5`` is exact: a bin edge near ``loc``
     keeps its relative precision however narrow the scale. ``sample`` draws ``y`` from the density
-    and rounds it to the nearest level, clamped to [0, 1]; ``mean`` sums ``k / 255 P(k)``.
+    and rounds it to the nearest level, clamped to [0, 1]; ``mean`` sums the survival function.
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
@@ -127,9 +129,14 @@ class _Discretized(dist.TorchDistribution):
 
     @property
     def mean(self):
-        levels = torch.arange(TOP + 1, dtype=self.loc.dtype, device=self.loc.device) / TOP
-        levels = levels.reshape((-1,) + (1,) * len(self.batch_shape))
-        return (levels * self.log_prob(levels).exp()).sum(0)
+        """``E[X] = (1/255) sum_{k=1}^{255} P(X >= k/255)``, the survival function at each level's
+        lower edge, summed one level at a time: memory stays that of the batch (scoring all 256
+        levels at once took 256 times that, gigabytes for a figure's worth of images)."""
+        loc, scale = TOP * self.loc, TOP * self.scale  # in levels
+        total = torch.zeros_like(loc)
+        for k in range(1, TOP + 1):
+            total = total + self._log_cdf((loc - (k - 0.5)) / scale).exp()  # P(X >= k) = S((k - 0.5 - loc) / scale)
+        return total / TOP
 
     def _log_cdf(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

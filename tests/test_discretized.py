@@ -284,6 +284,17 @@ def test_mean(kind):
         torch.testing.assert_close(d.mean, (weights * d.component_distribution.mean).sum(-1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_mean_is_the_sum_of_levels_times_their_masses(kind):
+    # E[X] = sum_k k/255 P(k), over locations inside and beyond [0, 1] and scales from a fraction
+    # of a level to many times the range; the mean sums survival probabilities instead
+    g = torch.Generator().manual_seed(8)
+    loc = torch.empty(200, dtype=F64).uniform_(-0.5, 1.5, generator=g)
+    scale = 10 ** torch.empty(200, dtype=F64).uniform_(-5, 1, generator=g)
+    d = make(kind, loc, scale)
+    torch.testing.assert_close(d.mean, (level_probs(d) * LEVELS).sum(-1), rtol=0, atol=1e-12)
+
+
 def test_discretized_scale_is_the_library_positive_scale():
     raw = torch.linspace(-30, 30, 61, dtype=F64)
     torch.testing.assert_close(discretized_scale(raw), positive_scale(raw), rtol=0, atol=0)
