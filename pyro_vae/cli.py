@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "DistributedError":
             print(f"pyro-vae: error{_rank_label()}: {e}", file=sys.stderr)
             return 1
-        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
             print(f"pyro-vae: error{_rank_label()}: out of memory; lower --num-particles, --batch-size or --chunk-size", file=sys.stderr)
             return 2
         raise

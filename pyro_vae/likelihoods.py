@@ -15,6 +15,7 @@ fall out of these log-densities rather than being written by hand:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import pyro.distributions as dist
@@ -63,6 +64,7 @@ class Likelihood(nn.Module):
     num_params = 1
     default_binarization = "none"
     data_kind = "density"
+    log_prob_numbers = 4  # numbers per pixel and draw that scoring x keeps alive (for memory estimates)
 
     def __init__(self, x_shape: Sequence[int]):
         super().__init__()
@@ -192,14 +194,16 @@ class DiscretizedLikelihood(Likelihood):
 
     @classmethod
     def check_binarization(cls, binarization):
-        if binarization == "dequantize":
-            raise DataError(f"the {cls.name} likelihood scores the 8-bit levels themselves; use --binarize none (dequantize is for density likelihoods)")
+        if binarization != "none":
+            what = "dequantize is for density likelihoods" if binarization == "dequantize" else "binarized pixels are not 8-bit images; the bernoulli likelihood models them"
+            raise DataError(f"the {cls.name} likelihood scores the 8-bit levels themselves; use --binarize none ({what})")
 
 
 class DiscretizedLogisticLikelihood(DiscretizedLikelihood):
     """Discretized logistic per pixel (Salimans et al. 2017, eq. 2, one component)."""
 
     name = "discretized_logistic"
+    log_prob_numbers = 8
 
 
 class DiscretizedNormalLikelihood(DiscretizedLikelihood):
@@ -207,6 +211,7 @@ class DiscretizedNormalLikelihood(DiscretizedLikelihood):
 
     name = "discretized_normal"
     distribution = discretized.DiscretizedNormal
+    log_prob_numbers = 24  # the erfcx tail, the Simpson fallback and their where-branches
 
 
 class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
@@ -215,12 +220,15 @@ class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
 
     name = "discretized_logistic_mixture"
 
+    max_components = 100  # PixelCNN++ uses 10; more is a typo, not a model
+
     def __init__(self, x_shape: Sequence[int], components: int = 5):
         super().__init__(x_shape)
-        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-            raise ConfigError(f"mixture_components must be a positive integer, got {components!r}")
-        self.components = components
-        self.num_params = 3 * components
+        if isinstance(components, bool) or not isinstance(components, numbers.Integral) or not 1 <= components <= self.max_components:
+            raise ConfigError(f"mixture_components must be an integer from 1 to {self.max_components}, got {components!r}")
+        self.components = int(components)
+        self.num_params = 3 * self.components
+        self.log_prob_numbers = 12 * self.components
 
     def pixel_distribution(self, *parts):
         c = self.components

@@ -55,9 +55,9 @@ def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device
 
 def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True) -> int:
     """A rough estimate of the memory one step over ``particles`` x ``batch`` draws of z needs: every
-    decoder activation (counted on one draw) and a few per-pixel terms of the likelihood for each
-    draw, 4 bytes a number, times 3 with gradients (saved activations, gradients, temporaries) or 2
-    without."""
+    decoder activation (counted on one draw) and the per-pixel numbers that scoring x keeps for each
+    draw (``Likelihood.log_prob_numbers``), 4 bytes a number, times 3 with gradients (saved
+    activations, gradients, temporaries) or 2 without."""
     counted = []
     hooks = [m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0)) for m in vae.decoder.modules() if not list(m.children())]
     try:
@@ -66,7 +66,7 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
     finally:
         for hook in hooks:
             hook.remove()
-    per_draw = sum(counted) + 4 * math.prod(vae.x_shape) + 4 * vae.z_dim
+    per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
     return particles * batch * per_draw * 4 * (3 if training else 2)
 
 

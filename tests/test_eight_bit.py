@@ -3,13 +3,17 @@ density likelihoods report a dequantized bound in the same units; the command li
 
 import json
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from pyro_vae import VAE, TrainConfig, evaluate_model, log_marginal_likelihood
 from pyro_vae.cli import main
 from pyro_vae.data import SYSTEM_DATA_DIRS, DeviceBatches, load_dataset
+from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.train import Trainer
 
 from .idx_files import write_dataset
@@ -79,3 +83,47 @@ def test_cli_trains_and_evaluates_a_discretized_likelihood(tmp_path, capsys):
     assert "bits/dim on 8-bit pixels" in out
     assert main(["train", *base, "--likelihood", "discretized_normal", "--binarize", "dequantize", "--run-dir", str(tmp_path / "bad")]) == 2
     assert "--binarize none" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("binarization", ["dynamic", "static", "threshold", "dequantize"])
+@pytest.mark.parametrize("likelihood", ["discretized_logistic", "discretized_normal", "discretized_logistic_mixture"])
+def test_discretized_likelihoods_refuse_pixels_that_are_not_8_bit_levels(likelihood, binarization):
+    # binarized pixels are levels 0 and 255 of no 8-bit image: scoring them would label a
+    # binary-data number "bits/dim on 8-bit pixels"
+    with pytest.raises(DataError, match="--binarize none"):
+        TrainConfig(likelihood=likelihood, binarize=binarization).validate()
+
+
+@pytest.mark.parametrize("components", [0, -1, 101, 10**20, True, 2.5, "3"])
+def test_mixture_components_out_of_range_are_refused_before_any_network_is_built(components):
+    with pytest.raises(ConfigError, match="from 1 to 100"):
+        VAE(likelihood="discretized_logistic_mixture", mixture_components=components)
+
+
+def test_mixture_components_accept_numpy_and_python_integers():
+    assert VAE(likelihood="discretized_logistic_mixture", mixture_components=np.int64(3), hidden=(8,)).likelihood.components == 3
+
+
+MEASURE_STEP = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from pyro_vae import VAE, make_elbo
+from pyro_vae.run import step_memory_bytes
+likelihood, components, particles, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+vae = VAE(likelihood=likelihood, mixture_components=components, hidden=(16,), z_dim=2)
+x = torch.randint(0, 256, (batch, 784), generator=torch.Generator().manual_seed(0)).float() / 255
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+make_elbo("meanfield", particles).differentiable_loss(vae.model, vae.guide, x).backward()
+print(step_memory_bytes(vae, particles, batch), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("likelihood,components", [("discretized_logistic", 1), ("discretized_normal", 1), ("discretized_logistic_mixture", 10)])
+def test_the_step_memory_estimate_covers_what_a_discretized_step_takes(likelihood, components):
+    # the guard that refuses a step too large for the machine must not undercount: measured as the
+    # peak resident memory a real process adds over one loss and backward (32 draws x 64 images)
+    done = subprocess.run([sys.executable, "-c", MEASURE_STEP, likelihood, str(components), "32", "64"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    estimate, measured = map(int, done.stdout.split())
+    assert measured < 1.5 * estimate, (measured / 2**20, estimate / 2**20)
