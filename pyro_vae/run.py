@@ -243,8 +243,11 @@ class RunFolder:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        if isinstance(record, dict) and record.get("epochs", epochs) < epochs and not record.get("stale"):
-            record["stale"] = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+        if not (isinstance(record, dict) and record.get("epochs", epochs) < epochs):
+            return
+        note = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+        if record.get("stale") != note:  # each new checkpoint updates the epoch it names
+            record["stale"] = note
             self.write_text("evaluation.json", json.dumps(record, indent=2) + "\n")
 
     def is_fresh_for(self, config: TrainConfig) -> bool:
