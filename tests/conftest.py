@@ -1,6 +1,14 @@
+import os
+
 import pyro
 import pytest
 import torch
+
+# pytest-xdist's workers share the cores: each takes its share of torch's threads, or two workers
+# of two threads each on two cores slow every test several times over
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
 
 
 @pytest.fixture(autouse=True)
