@@ -84,8 +84,8 @@ def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
 class _Discretized(dist.TorchDistribution):
     """A symmetric location-scale density ``continuous(loc, scale)`` binned onto the 256 levels.
 
-    Subclasses give the standard log-CDF ``_log_cdf(t)`` (the log-survival is ``_log_cdf(-t)`` by
-    symmetry) and ``_log_interior(a, b, width)``, the log mass of the bin ``[a, b]`` in standard
+    Subclasses give the standard CDF ``_cdf(t)`` and log-CDF ``_log_cdf(t)`` (the log-survival is
+    ``_log_cdf(-t)`` by symmetry) and ``_log_interior(a, b, width)``, the log mass of the bin ``[a, b]`` in standard
     units, ``width = b - a`` computed without cancellation. The edges are computed in levels,
     ``a = (k - 0.5 - 255 loc) / (255 scale)``, where ``k +- 0.5`` is exact: a bin edge near ``loc``
     keeps its relative precision however narrow the scale. ``sample`` draws ``y`` from the density
@@ -132,13 +132,17 @@ class _Discretized(dist.TorchDistribution):
         """``E[X] = (1/255) sum_{k=1}^{255} P(X >= k/255)``, the survival function at each level's
         lower edge, summed one level at a time: memory stays that of the batch (scoring all 256
         levels at once took 256 times that, gigabytes for a figure's worth of images)."""
-        loc, scale = TOP * self.loc, TOP * self.scale  # in levels
-        total = torch.zeros_like(loc)
-        for k in range(1, TOP + 1):
-            total = total + self._log_cdf((loc - (k - 0.5)) / scale).exp()  # P(X >= k) = S((k - 0.5 - loc) / scale)
+        inverse = 1 / (TOP * self.scale)
+        centre = TOP * self.loc * inverse  # loc / scale, in levels
+        total = torch.zeros_like(centre)
+        for k in range(1, TOP + 1):  # P(X >= k) = 1 - F((k - 0.5 - loc) / scale) = F((loc - k + 0.5) / scale)
+            total += self._cdf(torch.add(centre, inverse, alpha=0.5 - k))
         return total / TOP
 
     def _log_cdf(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _cdf(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _log_interior(self, a: torch.Tensor, b: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -161,6 +165,9 @@ class DiscretizedLogistic(_Discretized):
     def _log_cdf(self, t):
         return F.logsigmoid(t)
 
+    def _cdf(self, t):
+        return torch.sigmoid(t)
+
     def _log_interior(self, a, b, width):
         return F.logsigmoid(b) + F.logsigmoid(-a) + _log1mexp(width)
 
@@ -181,6 +188,9 @@ class DiscretizedNormal(_Discretized):
 
     def _log_cdf(self, t):
         return _log_ndtr(t)
+
+    def _cdf(self, t):
+        return torch.special.ndtr(t)
 
     def _log_interior(self, a, b, width):
         lower = a + b < 0
