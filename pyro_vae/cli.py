@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError, NumericalError
-from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOODS, STEP_MODES
+from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, STEP_MODES
 
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # no __post_init__: nothing heavy imported
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")
@@ -84,7 +84,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--download", action="store_true", help="download the data with torchvision if it is not found (needs internet; default off)")
     a("--likelihood", choices=LIKELIHOODS, help=f"observation model p(x|z) (default {d.likelihood})")
     a("--normal-scale", type=normal_scale, help="for --likelihood normal: shared, pixel, decoder or a fixed positive number (default shared)")
-    a("--mixture-components", type=positive_int, help=f"for --likelihood discretized_logistic_mixture: logistics per pixel, 1 to 100 (default {d.mixture_components})")
+    a("--mixture-components", type=positive_int, help=f"for --likelihood discretized_logistic_mixture: logistics per pixel, 1 to {MAX_MIXTURE_COMPONENTS} (default {d.mixture_components})")
     a("--binarize", choices=BINARIZATIONS, help="pixel preparation: binarization, none (the 8-bit levels) or dequantize (k + u)/256 for density likelihoods (default: dynamic for bernoulli, none otherwise)")
     a("--architecture", choices=ARCHITECTURES, help=f"encoder/decoder networks (default {d.architecture})")
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")

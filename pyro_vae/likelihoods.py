@@ -24,7 +24,7 @@ from torch import nn
 
 from . import discretized
 from .errors import ConfigError, DataError
-from .names import LIKELIHOODS, NORMAL_SCALES
+from .names import LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES
 from .networks import inverse_positive_scale, positive_scale
 
 
@@ -220,12 +220,10 @@ class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
 
     name = "discretized_logistic_mixture"
 
-    max_components = 100  # PixelCNN++ uses 10; more is a typo, not a model
-
     def __init__(self, x_shape: Sequence[int], components: int = 5):
         super().__init__(x_shape)
-        if isinstance(components, bool) or not isinstance(components, numbers.Integral) or not 1 <= components <= self.max_components:
-            raise ConfigError(f"mixture_components must be an integer from 1 to {self.max_components}, got {components!r}")
+        if isinstance(components, bool) or not isinstance(components, numbers.Integral) or not 1 <= components <= MAX_MIXTURE_COMPONENTS:
+            raise ConfigError(f"mixture_components must be an integer from 1 to {MAX_MIXTURE_COMPONENTS}, got {components!r}")
         self.components = int(components)
         self.num_params = 3 * self.components
         self.log_prob_numbers = 12 * self.components

@@ -6,6 +6,7 @@ from .errors import ConfigError, DataError
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal", "discretized_logistic", "discretized_normal", "discretized_logistic_mixture")
 NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
+MAX_MIXTURE_COMPONENTS = 100  # logistics per pixel; PixelCNN++ uses 10, more is a typo rather than a model
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("softplus", "relu", "tanh", "elu")
