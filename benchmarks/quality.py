@@ -133,7 +133,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.figure:
         results = args.results or Path(f"runs/quality/{args.suite}.jsonl")
-        print(plot_bits_per_dim([json.loads(line) for line in results.read_text().splitlines()], args.figure))
+        rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+        if args.suite != "8bit" or not rows:
+            p.error(f"--figure draws the 8bit suite's results; {results} holds none: run python benchmarks/quality.py --suite 8bit first")
+        print(plot_bits_per_dim(rows, args.figure))
         return
     torch.set_num_threads(args.threads)
     models = SUITES[args.suite]
