@@ -8,6 +8,7 @@ draws and 5 standard errors (a correct implementation fails one comparison with 
 
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -20,7 +21,7 @@ from pyro_vae.discretized import (
     discretized_scale,
     pixel_levels,
 )
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.networks import positive_scale
 
 F64 = torch.float64
@@ -401,3 +402,14 @@ def test_dequantization_with_one_sample_has_no_standard_error_and_zero_is_refuse
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="num_samples"):
             dequantized_log_likelihood_bound(lambda y: y.sum(-1), pixels(), bad)
+    assert dequantized_log_likelihood_bound(lambda y: y.sum(-1), pixels(), np.int64(2))[0].shape == bound.shape
+
+
+def test_dequantization_refuses_data_that_are_not_8_bit_levels_and_densities_of_the_wrong_shape():
+    x = pixels()
+    total = lambda y: y.sum(-1)  # noqa: E731
+    for bad in (x * 255, x + 0.5 / 256, (x * 255).to(torch.uint8), x[:0], x[0]):
+        with pytest.raises(DataError, match="x_levels"):
+            dequantized_log_likelihood_bound(total, bad, 4)
+    with pytest.raises(DataError, match="summed over pixels"):
+        dequantized_log_likelihood_bound(lambda y: y, x, 4)
