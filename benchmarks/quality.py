@@ -101,7 +101,7 @@ def time_training(models: dict[str, dict], args) -> None:
     seed and data: the same model, so the recorded row's evaluation belongs to this training)."""
     recorded = {}
     if args.results.exists():
-        recorded = {row["model"]: row["test_elbo"] for row in map(json.loads, args.results.read_text().splitlines())}
+        recorded = {row["model"]: row for row in map(json.loads, args.results.read_text().splitlines())}
     first = None
     for name, options in models.items():
         config = TrainConfig(epochs=args.epochs, max_test=args.test_images, device=args.device, data_dir=args.data_dir, **options)
@@ -110,8 +110,11 @@ def time_training(models: dict[str, dict], args) -> None:
         trainer.run()
         seconds = time.perf_counter() - start
         first = first or seconds
-        test_elbo = trainer.metrics[-1]["test_elbo"]
-        same = "not recorded" if name not in recorded else ("the recorded one" if test_elbo == recorded[name] else f"NOT the recorded {recorded[name]}")
+        test_elbo, row = trainer.metrics[-1]["test_elbo"], recorded.get(name)
+        if row is None or (row["epochs"], row["test_images"]) != (args.epochs, trainer.test_batches.labels.numel()):
+            same = "no recorded row with these epochs and test images"
+        else:
+            same = "the recorded one" if test_elbo == row["test_elbo"] else f"NOT the recorded {row['test_elbo']}"
         print(f"{name}: {seconds:.0f} s training ({seconds / first:.2f}x the first), test ELBO {test_elbo} ({same})", flush=True)
 
 
