@@ -36,6 +36,11 @@ class ImportanceSamplingWarning(UserWarning):
     """Importance weights too heavy-tailed for the estimate's standard error to be trusted."""
 
 
+def standard_error_of_mean(values: torch.Tensor) -> float:
+    """``sd(values) / sqrt(n)``, the standard error of their mean; NaN for fewer than two values."""
+    return (values.std() / math.sqrt(values.numel())).item() if values.numel() > 1 else float("nan")
+
+
 @dataclasses.dataclass
 class LogLikelihood:
     """Per-datapoint estimates of ``log p(x_i)`` (nats), their delta-method standard errors and the
@@ -52,7 +57,7 @@ class LogLikelihood:
 
     def mean_standard_error(self) -> float:
         """Standard error of the mean over datapoints (the spread across images dominates)."""
-        return (self.log_px.std() / math.sqrt(self.log_px.numel())).item() if self.log_px.numel() > 1 else float("nan")
+        return standard_error_of_mean(self.log_px)
 
     def bits_per_dim(self, dims: int) -> float:
         """``-mean log p(x) / (D log 2)``: meaningful only where ``p`` is a probability mass on the data."""
@@ -185,7 +190,7 @@ class Evaluation:
             "bits_per_dim": self.bits_per_dim,
             "pareto_k": pareto_k_summary(ll.pareto_k),
             "dequantized_log_likelihood": None if self.dequantized is None else self.dequantized.mean().item(),
-            "dequantized_log_likelihood_se": None if self.dequantized is None else (self.dequantized.std() / math.sqrt(self.dequantized.numel())).item(),
+            "dequantized_log_likelihood_se": None if self.dequantized is None else standard_error_of_mean(self.dequantized),
             "dequantized_bits_per_dim": self.dequantized_bits_per_dim(),
             "active_units": self.active_units,
             "kl_per_dimension": self.kl_per_dimension,
