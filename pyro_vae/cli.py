@@ -204,9 +204,9 @@ def compare_command(args: argparse.Namespace) -> int:
     out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
     print(title)
     print(compare.format_table(rows))
-    csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"  # replaced atomically: a symlink there is replaced, never followed
-    compare.write_csv(rows, csv_path)  # both atomic: a symlink there is replaced, never followed
-    compare.plot_comparison(rows, png_path, title=title)
+    # both written atomically: a symlink there is replaced, never followed
+    csv_path = compare.write_csv(rows, out / f"{name}.csv")
+    png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)
     print(f"written: {csv_path}, {png_path}")
     return 0
 
