@@ -16,7 +16,6 @@ per dimension, as is the bound of :func:`dequantized_log_likelihood_bound` for a
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import pyro.distributions as dist
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from .errors import ConfigError, DataError
+from .checks import check_count
+from .errors import DataError
 from .networks import MIN_SCALE, positive_scale
 
 TOP = 255  # the highest level; levels are k / TOP
@@ -263,14 +263,13 @@ def dequantized_log_likelihood_bound(
     shape ``(S, N)``. Returns the ``S = num_samples`` Monte Carlo estimate of the bound and its
     standard error (NaN for ``S = 1``), each of shape ``(N,)``.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = check_count("num_samples", num_samples)
     if x_levels.dim() < 2 or x_levels.shape[0] == 0:
         raise DataError(f"x_levels must have shape (N, *pixel_shape) with N >= 1, got {tuple(x_levels.shape)}")
     if not torch.all(pixel_levels.check(x_levels)):
         raise DataError("x_levels must be 8-bit pixels k / 255 (k = 0..255), as floats: pass uint8 images as x.float() / 255, not dequantized or 0..255 values")
     k = (x_levels * TOP).round()
-    u = torch.rand((int(num_samples), *k.shape), generator=generator, dtype=k.dtype, device=k.device)
+    u = torch.rand((num_samples, *k.shape), generator=generator, dtype=k.dtype, device=k.device)
     num_pixels = k[0].numel()
     log_p = log_density_fn((k + u) / (TOP + 1))
     if log_p.shape != u.shape[:2]:

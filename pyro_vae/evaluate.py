@@ -23,7 +23,7 @@ import torch
 
 from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
 from .discretized import dequantized_log_likelihood_bound
-from .errors import ConfigError
+from .checks import check_count
 from .estimators import DataPlateIWELBO, make_elbo
 from .runtime import seeded
 
@@ -102,12 +102,6 @@ class LogLikelihood:
             np.concatenate([p.pareto_k for p in parts]),
             parts[0].num_samples,
         )
-
-
-def check_count(name: str, value: Any, minimum: int = 1) -> None:
-    """:class:`ConfigError` unless ``value`` is an integer (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @torch.no_grad()

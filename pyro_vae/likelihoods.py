@@ -15,7 +15,6 @@ fall out of these log-densities rather than being written by hand:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence
 
 import pyro.distributions as dist
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from . import discretized
+from .checks import check_count
 from .errors import ConfigError, DataError
 from .names import LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES
 from .networks import inverse_positive_scale, positive_scale
@@ -222,9 +222,7 @@ class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
 
     def __init__(self, x_shape: Sequence[int], components: int = 5):
         super().__init__(x_shape)
-        if isinstance(components, bool) or not isinstance(components, numbers.Integral) or not 1 <= components <= MAX_MIXTURE_COMPONENTS:
-            raise ConfigError(f"mixture_components must be an integer from 1 to {MAX_MIXTURE_COMPONENTS}, got {components!r}")
-        self.components = int(components)
+        self.components = check_count("mixture_components", components, maximum=MAX_MIXTURE_COMPONENTS)
         self.num_params = 3 * self.components
         self.log_prob_numbers = 12 * self.components
 
