@@ -26,7 +26,10 @@ One step, on every rank:
 * The loss sums are all-reduced, so every rank knows the global ``-ELBO`` and takes the same
   skip-or-step decision for a non-finite step.
 
-Only rank 0 evaluates the test ELBO (and broadcasts it), and writes checkpoints, metrics and figures.
+Only rank 0 evaluates the test ELBO (and broadcasts it), and writes checkpoints, metrics and figures;
+the other ranks wait for each save and hear whether it worked, so a save that fails stops every rank
+with its reason, and ``Trainer.run`` returns on every rank once the last checkpoint is on disk (the
+ranks then leave the process group together, not one while another is still writing).
 Every collective has the timeout given to :func:`setup`, so a rank whose peer died stops with a
 :class:`DistributedError` instead of waiting forever, and a rank that cannot even start (missing
 data, a bad setting) tells all the others, which stop at once (:func:`all_or_none`).

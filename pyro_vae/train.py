@@ -159,7 +159,8 @@ class Trainer:
                     raise self.diverged(f"the test ELBO after epoch {epoch + 1} is {row['test_elbo']}")
                 self.parallel.check_replicas(self.vae)
                 self.metrics.append(row)
-                self.save()
+                with self.parallel.all_or_none("save the checkpoint"):  # the other ranks wait for rank 0's save
+                    self.save()
                 if self.progress:
                     print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image", flush=True)
             return self.metrics

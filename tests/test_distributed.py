@@ -20,6 +20,7 @@ What is compared and how closely:
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ LAUNCH_TIMEOUT_S = 120
 
 # every rank runs this under torchrun: the library's Trainer, then each rank saves what it holds
 DRIVER = """
-import json, sys
+import errno, json, os, sys, time
 import torch
 from pyro_vae import distributed
 from pyro_vae import TrainConfig
@@ -69,8 +70,16 @@ if trainer.parallel.rank in poison["ranks"]:  # a NaN in this rank's half of the
         calls["n"] += 1
         return output * float("nan") if calls["n"] - 1 in poison["calls"] else output
     trainer.vae.decoder.register_forward_hook(hook)
+if trainer.parallel.rank in poison.get("full_disk_ranks", []):  # the disk fills up as the second epoch is saved
+    save_state = trainer.folder.save_state
+    def save_or_fail(state):
+        if len(state["metrics"]) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save_state(state)
+    trainer.folder.save_state = save_or_fail
 metrics = trainer.run()
-state = {"model": trainer.vae.state_dict(), "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics}
+returned_ns = time.time_ns()
+state = {"model": trainer.vae.state_dict(), "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "returned_ns": returned_ns}
 torch.save(state, f"{out}/rank{trainer.parallel.rank}.pt")
 distributed.shutdown()
 """
@@ -92,13 +101,18 @@ def two_ranks(*args: str) -> list[str]:
     return torchrun("--standalone", "--nproc_per_node=2", *args)
 
 
-def run_driver(tmp: Path, data_dir: str, name: str, poison=None) -> Path:
+def launch_driver(tmp: Path, data_dir: str, name: str, poison=None) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp / name
     out.mkdir()
     (tmp / "driver.py").write_text(DRIVER)
     poison = poison or {"ranks": [], "calls": []}
     config = {**CONFIG, "data_dir": data_dir}
     done = subprocess.run(two_ranks(str(tmp / "driver.py"), json.dumps(config), str(out / "run"), str(out), json.dumps(poison)), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return out, done
+
+
+def run_driver(tmp: Path, data_dir: str, name: str, poison=None) -> Path:
+    out, done = launch_driver(tmp, data_dir, name, poison)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -166,6 +180,21 @@ def test_two_ranks_hold_identical_parameters_and_match_one_process_on_the_global
     files = {p.name for p in (straight / "run").iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "elbo.png", "reconstructions.png", "samples.png"} <= files
     assert not list((straight / "run").glob(".*.tmp"))
+    # every rank's run() returned only once rank 0 had written all of it (a file's time stamp is
+    # never later than the clock when it was written)
+    last_write = max(p.stat().st_mtime_ns for p in (straight / "run").iterdir() if p.name != ".lock")
+    for r in (0, 1):
+        assert torch.load(straight / f"rank{r}.pt", weights_only=True)["returned_ns"] >= last_write, r
+
+
+def test_a_save_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path, data_dir):
+    out, done = launch_driver(tmp_path, data_dir, "job", poison={"ranks": [], "calls": [], "full_disk_ranks": [0]})
+    assert done.returncode != 0
+    checkpoint = out / "run" / "checkpoint.pt"
+    assert f"rank 0 of 2 could not save the checkpoint: OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}" in done.stderr, done.stderr[-3000:]
+    assert f"The last complete checkpoint is {checkpoint}; continue the run with --resume." in done.stderr
+    assert "lost contact" not in done.stderr  # rank 1 was told, it did not have to notice a dead peer
+    assert len(load_checkpoint(checkpoint)["metrics"]) == 1
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, data_dir):
