@@ -188,7 +188,7 @@ class Distributed:
         """A lost peer, with where the run can continue from."""
         if not checkpoint.exists():
             return error
-        return DistributedError(f"{error} The last complete checkpoint is {checkpoint}; continue the run with --resume.")
+        return DistributedError(f"{str(error).rstrip('.')}. The last complete checkpoint is {checkpoint}; continue the run with --resume.")
 
     def all_or_none(self, doing: str):
         """:func:`all_or_none` over this job."""
