@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError, NumericalError
-from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, STEP_MODES
+from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOOD_OPTIONS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, STEP_MODES
 
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # no __post_init__: nothing heavy imported
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")
@@ -129,6 +129,10 @@ def train_command(args: argparse.Namespace) -> int:
                 say(f"resuming {args.run_dir} after epoch {len(state['metrics'])} of {config.epochs}", flush=True)
             else:
                 config = TrainConfig(**given)
+            for option, likelihood in LIKELIHOOD_OPTIONS.items():
+                if option in given and config.likelihood != likelihood:
+                    flag = "--" + option.replace("_", "-")
+                    raise ConfigError(f"{flag} is for --likelihood {likelihood}; this run's likelihood is {config.likelihood}: leave {flag} out")
             run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.run_dir is None and parallel.world_size > 1:
             run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp

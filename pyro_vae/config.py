@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .names import ARCHITECTURES, ESTIMATORS, STEP_MODES, check_binarization_name, dataset_name
+from .names import ARCHITECTURES, ESTIMATORS, LIKELIHOOD_OPTIONS, STEP_MODES, check_binarization_name, dataset_name
 
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")  # renyi tempers its weights under minibatches
 
@@ -100,8 +100,10 @@ class TrainConfig:
         likelihood_class(self.likelihood).check_binarization(self.binarize)
 
     def identity(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run it continues."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+        """The fields a resumed run must share with the run it continues (a likelihood's own
+        setting, such as ``mixture_components``, only for the likelihood that reads it)."""
+        ignored = {k for k, likelihood in LIKELIHOOD_OPTIONS.items() if likelihood != self.likelihood}
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

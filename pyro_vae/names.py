@@ -7,6 +7,7 @@ DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal", "discretized_logistic", "discretized_normal", "discretized_logistic_mixture")
 NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
 MAX_MIXTURE_COMPONENTS = 100  # logistics per pixel; PixelCNN++ uses 10, more is a typo rather than a model
+LIKELIHOOD_OPTIONS = {"normal_scale": "normal", "mixture_components": "discretized_logistic_mixture"}  # setting -> the one likelihood that reads it
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("softplus", "relu", "tanh", "elu")

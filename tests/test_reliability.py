@@ -203,4 +203,6 @@ def test_cli_resume_with_an_incompatible_configuration_exits_2_and_keeps_the_run
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     assert main(["train", "--resume", "--run-dir", str(run), "--z-dim", "5", "--data-dir", data_dir, "--no-progress"]) == 2
     assert "different configuration" in capsys.readouterr().err
+    assert main(["train", "--resume", "--run-dir", str(run), "--normal-scale", "pixel", "--data-dir", data_dir, "--no-progress"]) == 2
+    assert "--normal-scale is for --likelihood normal; this run's likelihood is bernoulli" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before

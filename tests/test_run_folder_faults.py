@@ -175,6 +175,16 @@ def test_train_option_out_of_range_is_one_line_and_touches_nothing(folder, data,
     folder.assert_unchanged()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--mixture-components", "3"], "--mixture-components is for --likelihood discretized_logistic_mixture; this run's likelihood is bernoulli: leave --mixture-components out"),
+    (["--likelihood", "discretized_logistic", "--normal-scale", "pixel"], "--normal-scale is for --likelihood normal; this run's likelihood is discretized_logistic: leave --normal-scale out"),
+])
+def test_a_setting_for_another_likelihood_is_refused_not_ignored(tmp_path, data, capsys, args, message):
+    run = tmp_path / "run"
+    refused(capsys, ["train", *TINY, "--data-dir", data / "idx", "--run-dir", run, *args], message)
+    assert not run.exists()
+
+
 RUN_OPTIONS = [
     ("evaluate", ["--num-samples", "0"], "argument --num-samples: 0 is out of range"),
     ("evaluate", ["--num-samples", "2.5"], "argument --num-samples: '2.5' is not a whole number"),

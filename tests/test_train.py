@@ -98,6 +98,15 @@ def test_resume_refuses_a_different_model_configuration(tmp_path, data_dir):
         Trainer(TrainConfig(epochs=2, data_dir=data_dir, **changed), tmp_path / "run", resume=True, progress=False)
 
 
+def test_a_likelihood_setting_is_part_of_the_run_only_for_the_likelihood_that_reads_it():
+    identity = lambda **settings: TrainConfig(**settings).identity()  # noqa: E731
+    assert identity(likelihood="bernoulli", mixture_components=3, normal_scale=0.5) == identity(likelihood="bernoulli")
+    assert identity(likelihood="normal", mixture_components=3) == identity(likelihood="normal")
+    assert identity(likelihood="normal", normal_scale=0.5) != identity(likelihood="normal")
+    assert identity(likelihood="discretized_logistic_mixture", mixture_components=3) != identity(likelihood="discretized_logistic_mixture")
+    assert identity(likelihood="discretized_logistic_mixture", normal_scale="pixel") == identity(likelihood="discretized_logistic_mixture")
+
+
 @pytest.mark.parametrize(
     "settings,match",
     [
