@@ -126,7 +126,6 @@ def train_command(args: argparse.Namespace) -> int:
                 state = RunFolder(args.run_dir).load_state()
                 saved = TrainConfig.from_dict(state["config"], f"the configuration in {args.run_dir}")
                 config = dataclasses.replace(saved, **given)  # Trainer refuses changes to the run's identity
-                say(f"resuming {args.run_dir} after epoch {len(state['metrics'])} of {config.epochs}", flush=True)
             else:
                 config = TrainConfig(**given)
             for option, likelihood in LIKELIHOOD_OPTIONS.items():
@@ -137,6 +136,12 @@ def train_command(args: argparse.Namespace) -> int:
         if args.run_dir is None and parallel.world_size > 1:
             run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp
         trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress, backend=args.backend, dist_timeout=args.dist_timeout, allow_different_data=args.allow_different_data)
+        if args.resume:
+            say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {config.epochs}", flush=True)
+            if trainer.epochs_done == config.epochs:
+                trainer.close()
+                say(f"nothing to train: the run has all its {config.epochs} epochs; pass --epochs above {config.epochs} to train more")
+                return 0
         say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
         if parallel.world_size > 1:
             say(f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch {config.batch_size}", flush=True)
@@ -204,9 +209,9 @@ def compare_command(args: argparse.Namespace) -> int:
         name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
     check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data")
     torch.manual_seed(args.seed)
+    print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
     out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
-    print(title)
     print(compare.format_table(rows))
     # both written atomically: a symlink there is replaced, never followed
     csv_path = compare.write_csv(rows, out / f"{name}.csv")
@@ -257,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a VAE with SVI on MNIST-family images", description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.", formatter_class=Formatter)
     add_train_arguments(t)
-    t.set_defaults(run=train_command)
+    t.set_defaults(run=train_command, parser=t)
 
     run_dir_help = "a run folder written by pyro-vae train"
     e = sub.add_parser("evaluate", formatter_class=Formatter, help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
@@ -270,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--idata-points", type=positive_int, default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.set_defaults(run=evaluate_command)
+    e.set_defaults(run=evaluate_command, parser=e)
 
     c = sub.add_parser("compare", formatter_class=Formatter, help="compare ELBO estimators: bound, loss spread, gradient variance and SNR, time per step",
                        description="Compare ELBO estimators on a saved run's model and test images, or (without RUN_DIR) on a linear-Gaussian model whose log p(x) is exact. Prints a table and writes a CSV and a PNG.")
@@ -285,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=seed_int, default=0, help="seed of the draws (and of the linear-Gaussian model)")
     c.add_argument("--out", type=Path, help="folder for the CSV and PNG (default RUN_DIR/compare or runs/compare)")
     c.add_argument("--no-progress", action="store_true", help="do not print each finished row")
-    c.set_defaults(run=compare_command)
+    c.set_defaults(run=compare_command, parser=c)
 
     s = sub.add_parser("sample", formatter_class=Formatter, help="a PNG grid of samples from a saved run's prior",
                        description="Draw z ~ N(0, I) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
@@ -294,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")
     s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>.png)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    s.set_defaults(run=sample_command)
+    s.set_defaults(run=sample_command, parser=s)
     return p
 
 
@@ -308,7 +313,9 @@ def _rank_label() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser().parse_args(argv)
+        args, unknown = parser().parse_known_args(argv)
+        if unknown:  # named by the subcommand's parser, so that the hint is its --help
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except UsageError as e:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return 2

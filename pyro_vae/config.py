@@ -58,10 +58,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for settings that cannot work, here: values, the device, the
-        model, and a training step's memory (refused before anything large is allocated)."""
+        model, a training step's memory (refused before anything large is allocated), and
+        torchvision, which draws the figures of every epoch."""
         self.check_settings()
         from .run import build_vae, check_step_memory
-        from .runtime import resolve_device
+        from .runtime import load_torchvision, resolve_device
+
+        load_torchvision()
 
         device = resolve_device(self.device)
         vae = build_vae(self)  # the model's own checks: sizes, likelihood, scale

@@ -185,8 +185,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
             return _load_idx_dir(name, directory.resolve(), files)
     if not download:
         raise _not_found(name, places, root, explicit)
-    import torchvision  # only to download: it is slow to import
+    from .runtime import load_torchvision  # only to download: it is slow to import
 
+    torchvision = load_torchvision()
     try:
         getattr(torchvision.datasets, DATASETS[name])(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as e:

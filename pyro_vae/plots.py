@@ -88,9 +88,9 @@ def _as_images(images, what="images"):
 def _tile(images, ncol, pad=_PAD):
     """One 2-D array of (N, H, W) images laid out row by row, ``ncol`` per row, ``pad`` pixels apart
     (torchvision's ``make_grid``, without its outer border)."""
-    from torchvision.utils import make_grid
+    from .runtime import load_torchvision
 
-    grid = make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=pad, pad_value=_PAD_VALUE)[0].numpy()
+    grid = load_torchvision().utils.make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=pad, pad_value=_PAD_VALUE)[0].numpy()
     return grid[pad : grid.shape[0] - pad, pad : grid.shape[1] - pad] if pad else grid
 
 

@@ -16,6 +16,21 @@ import torch
 from .errors import ConfigError
 
 
+def load_torchvision():
+    """torchvision, imported (it tiles figures and downloads data); :class:`ConfigError` naming the
+    fix when it is missing or was built for another torch, which fails only as it loads its
+    operators (``RuntimeError: operator torchvision::nms does not exist``)."""
+    try:
+        import torchvision
+    except (ImportError, RuntimeError) as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"torchvision cannot be loaded with torch {torch.__version__} ({cause}); install the torchvision "
+            "built for this torch, both from the same index: pip install --force-reinstall torch torchvision"
+        ) from e
+    return torchvision
+
+
 def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"``: the GPU (``cuda:local_rank``) when there is one, else the CPU; otherwise the named
     device, refused with :class:`ConfigError` if it cannot be used here."""

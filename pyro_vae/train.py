@@ -94,6 +94,9 @@ class Trainer:
         if changed:
             detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
             raise ConfigError(f"cannot resume {self.folder.path}: its checkpoint was trained with a different configuration ({detail})")
+        done = len(state["metrics"])
+        if self.config.epochs < done:
+            raise ConfigError(f"cannot resume {self.folder.path} to {self.config.epochs} epochs: it has trained {done} already; pass --epochs above {done} to train more")
         return state, vae
 
     @property

@@ -61,3 +61,22 @@ def test_a_new_run_is_named_by_its_architecture_and_a_resume_says_where_it_start
     capsys.readouterr()
     assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2", "--no-progress"]) == 0
     assert f"resuming {run} after epoch 1 of 2" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0  # the saved --epochs: all done
+    out = capsys.readouterr().out
+    assert "nothing to train: the run has all its 2 epochs; pass --epochs above 2 to train more" in out and "done:" not in out
+    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "1", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"pyro-vae: error: cannot resume {run} to 1 epochs: it has trained 2 already; pass --epochs above 2 to train more\n"
+    assert captured.out == ""  # not "resuming ..." before the refusal
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["evaluate", "runs/x", "--max-test", "100"], "unrecognized arguments: --max-test 100 (see pyro-vae evaluate --help)"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus (see pyro-vae train --help)"),
+    (["sample", "runs/x", "--epochs", "3"], "unrecognized arguments: --epochs 3 (see pyro-vae sample --help)"),
+])
+def test_an_option_the_subcommand_lacks_points_to_that_subcommands_help(capsys, argv, hint):
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"pyro-vae: error: {hint}\n"

@@ -124,6 +124,7 @@ def poison_decoder(trainer, bad_calls):
     return trainer.vae.decoder.register_forward_hook(hook)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's warning for the NaNs this test makes
 def test_transient_nan_steps_are_skipped_counted_and_leave_parameters_finite(tmp_path, data_dir):
     trainer = Trainer(TrainConfig(epochs=1, data_dir=data_dir, **SMALL), tmp_path / "run", progress=False)
     poison_decoder(trainer, bad_calls={2, 3, 5})
@@ -133,6 +134,7 @@ def test_transient_nan_steps_are_skipped_counted_and_leave_parameters_finite(tmp
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["skipped_steps"] == 3
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's warning for the NaNs this test makes
 def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     trainer = Trainer(TrainConfig(epochs=3, data_dir=data_dir, **{**SMALL, "batch_size": 8}), tmp_path / "run", progress=False)
     # decoder calls in epoch 1: its 32 steps, the test ELBO's batches, one reconstruction, one sample

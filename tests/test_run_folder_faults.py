@@ -584,7 +584,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_leaves_its_temp_files(
 def test_temp_files_of_a_dead_writer_are_cleaned_by_the_next_lock_holder(folder, data, capsys):
     leftover = folder.path / ".checkpoint.pt.killed.tmp"
     leftover.write_bytes(b"half a checkpoint")
-    succeeds(capsys, resume(folder, data, "--epochs", 1))  # nothing to train: takes the lock, cleans up, writes config
+    succeeds(capsys, resume(folder, data, "--epochs", 1))  # nothing to train: takes the lock and cleans up
     assert not leftover.exists()
     folder.assert_unchanged()
 
@@ -675,6 +675,22 @@ def test_evaluate_killed_mid_way_leaves_the_previous_evaluation(folder):
 
 
 # ------------------------------------------------------------ 6: disk full and read-only folders
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line_before_training(tmp_path, data):
+    # such a torchvision imports its Python code and then fails loading its operators; a package
+    # first on the path fails the same way, so the real loader meets the real error
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "1", "--data-dir", data / "idx", "--run-dir", run]
+    done = subprocess.run([sys.executable, "-m", "pyro_vae.cli", *map(str, argv)], capture_output=True, text=True, timeout=300,
+                          env={**ENV, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(Path(pyro_vae.__file__).parents[1])])})
+    assert done.returncode == 2, done.stderr
+    assert_one_line(done.stderr, f"torchvision cannot be loaded with torch {torch.__version__} (operator torchvision::nms does not exist)",
+                    "pip install --force-reinstall torch torchvision")
+    assert not run.exists()  # refused before the first epoch, not after it
 
 
 @pytest.fixture
