@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -303,15 +304,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rank_label() -> str:
-    import os
+def _in_a_job() -> bool:
+    """Whether torchrun started this process (as :func:`pyro_vae.distributed.launched`, without importing torch)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})"
-    return ""
+
+def _rank_label() -> str:
+    return f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if _in_a_job() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; returns the exit status (a torchrun worker ends the process
+    instead, by :func:`pyro_vae.distributed.end_process`)."""
+    code = _run(argv)
+    if _in_a_job():
+        from .distributed import end_process
+
+        end_process(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args, unknown = parser().parse_known_args(argv)
         if unknown:  # named by the subcommand's parser, so that the hint is its --help

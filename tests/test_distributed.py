@@ -81,7 +81,7 @@ metrics = trainer.run()
 returned_ns = time.time_ns()
 state = {"model": trainer.vae.state_dict(), "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "returned_ns": returned_ns}
 torch.save(state, f"{out}/rank{trainer.parallel.rank}.pt")
-distributed.shutdown()
+distributed.end_process(0)  # as a script under torchrun should end: see its docstring
 """
 
 pytestmark = pytest.mark.slow  # real torchrun processes: minutes, not seconds
