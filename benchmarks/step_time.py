@@ -45,7 +45,7 @@ from pyro_vae.compiled import CompiledStep
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.estimators import make_elbo
 from pyro_vae.model import VAE
-from pyro_vae.objective import elbo_loss
+from pyro_vae.kl_weight import elbo_loss
 from pyro_vae.reference import reference_elbo
 
 LR = 1e-3

@@ -24,7 +24,7 @@ import importlib
 _EXPORTS = {
     "VAE": "model",
     "make_elbo": "estimators",
-    "kl_weighted": "objective",
+    "kl_weighted": "kl_weight",
     "log_marginal_likelihood": "evaluate",
     "LogLikelihood": "evaluate",
     "evaluate_model": "evaluate",

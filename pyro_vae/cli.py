@@ -22,11 +22,12 @@ import warnings
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import ConfigError, DataError, NumericalError
-from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOOD_OPTIONS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, STEP_MODES
+from .checks import check_count
+from .errors import ConfigError, DataError, DistributedError, NumericalError
+from .launcher import launched, rank_label
+from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES, STEP_MODES, TRAIN_ESTIMATORS
 
-DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # no __post_init__: nothing heavy imported
-TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")
+DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
 
 
 def _number(kind, minimum=None, maximum=None, what="a number"):
@@ -68,9 +69,9 @@ def normal_scale(text: str) -> str | float:
     try:
         value = float(text)
     except ValueError:
-        if text in ("shared", "pixel", "decoder"):
+        if text in NORMAL_SCALES:
             return text
-        raise argparse.ArgumentTypeError(f"{text!r}: use shared, pixel, decoder or a fixed positive number") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: use {', '.join(NORMAL_SCALES)} or a fixed positive number") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"a fixed normal scale must be a positive finite number, got {text}")
     return value
@@ -101,7 +102,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--max-train", type=positive_int, help="train on the first N images only (default: all)")
     a("--max-test", type=positive_int, help="evaluate on the first N test images only (default: all)")
     a("--device", help="auto (the GPU if there is one), cpu, cuda or cuda:N (default auto)")
-    a("--step", choices=STEP_MODES, help="how a training step runs: traced (a graph traced once from the Pyro model/guide, no Pyro work per step), inductor (that graph compiled: fastest per step, 15-40 s to compile a batch shape), eager (plain Pyro ELBO) (default traced)")
+    a("--step", choices=STEP_MODES, help=f"how a training step runs: traced (a graph traced once from the Pyro model/guide, no Pyro work per step), inductor (that graph compiled: fastest per step, 15-40 s to compile a batch shape), eager (plain Pyro ELBO); the same draws in each, and under torchrun (default {d.step})")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/<dataset>-<likelihood>-<architecture>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint (default off)")
     p.add_argument("--allow-different-data", action="store_true", help="with --resume: continue even if the data differ from the run's (default off: refused)")
@@ -112,53 +113,42 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     from . import distributed
-    from .run import RunFolder
     from .train import Trainer
 
-    parallel = distributed.setup(args.backend, args.dist_timeout)
-    say = print if parallel.is_main else lambda *a, **k: None
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    given.setdefault("step", "traced")  # the command's default: no Pyro work per step (TrainConfig's is eager)
-    try:
-        with parallel.all_or_none("read the run's settings"):
+    if args.resume and args.run_dir is None:
+        raise ConfigError("--resume needs --run-dir, the folder of the run to continue")
+    with distributed.job(args.backend, args.dist_timeout) as parallel:
+        say = print if parallel.is_main else lambda *a, **k: None
+        run_dir, config = args.run_dir, None
+        if not args.resume:  # a resumed run's configuration is its checkpoint's, with the settings given changed
+            config = TrainConfig(**given)
+            config.check_options_given(given)
+            if run_dir is None:
+                run_dir = Path("runs") / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+                run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp
+        trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress, changes=given if args.resume else None, parallel=parallel, allow_different_data=args.allow_different_data)
+        with trainer:
+            epochs = trainer.config.epochs
             if args.resume:
-                if args.run_dir is None:
-                    raise ConfigError("--resume needs --run-dir, the folder of the run to continue")
-                state = RunFolder(args.run_dir).load_state()
-                saved = TrainConfig.from_dict(state["config"], f"the configuration in {args.run_dir}")
-                config = dataclasses.replace(saved, **given)  # Trainer refuses changes to the run's identity
-            else:
-                config = TrainConfig(**given)
-            for option, likelihood in LIKELIHOOD_OPTIONS.items():
-                if option in given and config.likelihood != likelihood:
-                    flag = "--" + option.replace("_", "-")
-                    raise ConfigError(f"{flag} is for --likelihood {likelihood}; this run's likelihood is {config.likelihood}: leave {flag} out")
-            run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if args.run_dir is None and parallel.world_size > 1:
-            run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp
-        trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress, backend=args.backend, dist_timeout=args.dist_timeout, allow_different_data=args.allow_different_data)
-        if args.resume:
-            say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {config.epochs}", flush=True)
-            if trainer.epochs_done == config.epochs:
-                trainer.close()
-                say(f"nothing to train: the run has all its {config.epochs} epochs; pass --epochs above {config.epochs} to train more")
-                return 0
-        say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
-        if parallel.world_size > 1:
-            say(f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch {config.batch_size}", flush=True)
-        start = time.perf_counter()
-        try:
-            metrics = trainer.run()
-        except KeyboardInterrupt:
-            say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
-            return 130
+                say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {epochs}", flush=True)
+                if trainer.epochs_done == epochs:
+                    say(f"nothing to train: the run has all its {epochs} epochs; pass --epochs above {epochs} to train more")
+                    return 0
+            say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
+            if parallel.world_size > 1:
+                say(f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch {trainer.config.batch_size}", flush=True)
+            start = time.perf_counter()
+            try:
+                metrics = trainer.fit()
+            except KeyboardInterrupt:
+                say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
+                return 130
         if metrics:
             last = metrics[-1]
-            say(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, {time.perf_counter() - start:.0f} s this session")
+            say(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, {time.perf_counter() - start:.0f} s this session, step: {last['step']}")
         say(f"run folder: {run_dir}")
         return 0
-    finally:
-        distributed.shutdown()
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -198,7 +188,8 @@ def compare_command(args: argparse.Namespace) -> int:
 
     from . import compare
     from .linear_gaussian import linear_gaussian_vae
-    from .run import check_step_memory, load_run
+    from .memory import check_step_memory
+    from .run import load_run
 
     torch.set_num_threads(args.threads)
     if args.run_dir is None:
@@ -304,27 +295,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _in_a_job() -> bool:
-    """Whether torchrun started this process (as :func:`pyro_vae.distributed.launched`, without importing torch)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _rank_label() -> str:
-    return f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if _in_a_job() else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv``; returns the exit status (a torchrun worker ends the process
     instead, by :func:`pyro_vae.distributed.end_process`)."""
-    code = _run(argv)
-    if _in_a_job():
+    code = _dispatch(argv)
+    if launched():
         from .distributed import end_process
 
         end_process(code)
     return code
 
 
-def _run(argv: list[str] | None) -> int:
+def _dispatch(argv: list[str] | None) -> int:
     try:
         args, unknown = parser().parse_known_args(argv)
         if unknown:  # named by the subcommand's parser, so that the hint is its --help
@@ -339,14 +321,14 @@ def _run(argv: list[str] | None) -> int:
             return args.run(args)
     except (ConfigError, DataError, NumericalError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"pyro-vae: error{_rank_label()}: {message}", file=sys.stderr)
+        print(f"pyro-vae: error{rank_label()}: {message}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"pyro-vae: error{rank_label()}: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
-        if type(e).__name__ == "DistributedError":
-            print(f"pyro-vae: error{_rank_label()}: {e}", file=sys.stderr)
-            return 1
         if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
-            print(f"pyro-vae: error{_rank_label()}: out of memory; lower --num-particles, --batch-size or --chunk-size", file=sys.stderr)
+            print(f"pyro-vae: error{rank_label()}: out of memory; lower --num-particles, --batch-size or --chunk-size", file=sys.stderr)
             return 2
         raise
 

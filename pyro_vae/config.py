@@ -1,5 +1,6 @@
-"""The configuration that defines a training run (``config.json``), importable without torch so
-that the command line can show its defaults at once; its checks load the model code when run."""
+"""The configuration that defines a training run (``config.json``): values and their checks only.
+It imports no torch, so the command line shows its defaults at once; the trainer builds the model
+from it and checks what needs the model (its sizes, a step's memory) there."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .checks import check_count
 from .errors import ConfigError, DataError
-from .names import ARCHITECTURES, ESTIMATORS, LIKELIHOOD_OPTIONS, STEP_MODES, check_binarization_name, dataset_name
-
-TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")  # renyi tempers its weights under minibatches
+from .names import ARCHITECTURES, DEFAULT_STEP, LIKELIHOOD_OPTIONS, LIKELIHOODS, STEP_MODES, TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization
 
 
 @dataclasses.dataclass
@@ -40,67 +40,51 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     download: bool = False
-    step: str = "eager"  # "eager": plain Pyro ELBO; "traced": the graph traced from model/guide; "inductor": compiled too (pyro-vae train: traced)
+    step: str = DEFAULT_STEP  # pyro_vae.step: "traced" (the graph traced from model/guide), "inductor" (compiled too), "eager" (Pyro's ELBO)
 
     RUNTIME_FIELDS = ("epochs", "device", "data_dir", "download", "step")
 
     def __post_init__(self):
         self.hidden = tuple(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden
         self.dataset = dataset_name(self.dataset)
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         if self.binarize is None:
-            from .likelihoods import likelihood_class
-
-            self.binarize = likelihood_class(self.likelihood).default_binarization
+            self.binarize = default_binarization(self.likelihood)
         if self.data_dir is not None:
             if not str(self.data_dir).strip():
                 raise DataError("--data-dir is empty; pass the folder that holds the IDX files, or leave it out")
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())  # a run remembers where, whatever the working directory
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for settings that cannot work, here: values, the device, the
-        model, a training step's memory (refused before anything large is allocated), and
-        torchvision, which draws the figures of every epoch."""
-        self.check_settings()
-        from .run import build_vae, check_step_memory
-        from .runtime import load_torchvision, resolve_device
-
-        load_torchvision()
-
-        device = resolve_device(self.device)
-        vae = build_vae(self)  # the model's own checks: sizes, likelihood, scale
-        check_step_memory(vae, self.num_particles, self.batch_size, device, "--num-particles or --batch-size")
-
-    def check_settings(self) -> None:
-        """:class:`ConfigError` for a value of the wrong type or out of range (no device, no model)."""
-        integers = {"z_dim": self.z_dim, "epochs": self.epochs, "batch_size": self.batch_size, "num_particles": self.num_particles, "seed": self.seed}
-        for name, value in integers.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        """:class:`ConfigError` for a value of the wrong type or out of range, or settings that
+        cannot go together (values only: the trainer checks the device, the model and memory)."""
         for name in ("z_dim", "epochs", "batch_size", "num_particles"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+            check_count(name, getattr(self, name))
+        check_count("seed", self.seed, 0, 2**63 - 1)
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name))
+        if not isinstance(self.hidden, tuple):
+            raise ConfigError(f"hidden layer widths must be a list of positive integers, got {self.hidden!r}")
+        for width in self.hidden:
+            check_count("a hidden layer width", width)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and 0 < self.lr <= 10):
             raise ConfigError(f"the learning rate must be a number in (0, 10], got {self.lr}")
         if isinstance(self.kl_anneal_epochs, bool) or not isinstance(self.kl_anneal_epochs, (int, float)) or not (math.isfinite(self.kl_anneal_epochs) and self.kl_anneal_epochs >= 0):
             raise ConfigError(f"kl_anneal_epochs must be a finite number >= 0, got {self.kl_anneal_epochs}")
-        if self.step not in STEP_MODES:
-            raise ConfigError(f"unknown step mode {self.step!r}; choose one of {STEP_MODES}")
-        if self.estimator not in TRAIN_ESTIMATORS:
-            raise ConfigError(f"estimator {self.estimator!r} cannot train here; choose one of {TRAIN_ESTIMATORS}")
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {self.architecture!r}; choose one of {ARCHITECTURES}")
-        for name in ("max_train", "max_test"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.hidden, tuple) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
-            raise ConfigError(f"hidden layer widths must be positive integers, got {self.hidden!r}")
-        check_binarization_name(self.binarize)
-        from .likelihoods import likelihood_class
+        for name, value, choices in (("step mode", self.step, STEP_MODES), ("estimator", self.estimator, TRAIN_ESTIMATORS), ("architecture", self.architecture, ARCHITECTURES)):
+            if value not in choices:
+                raise ConfigError(f"unknown {name} {value!r} for training; choose one of {', '.join(choices)}")
+        check_binarization(self.likelihood, self.binarize)
 
-        likelihood_class(self.likelihood).check_binarization(self.binarize)
+    def check_options_given(self, given) -> None:
+        """:class:`ConfigError` if ``given`` (names of settings a user set) holds a likelihood's own
+        setting, such as ``normal_scale``, while this run's likelihood is another."""
+        for option, likelihood in LIKELIHOOD_OPTIONS.items():
+            if option in given and self.likelihood != likelihood:
+                flag = "--" + option.replace("_", "-")
+                raise ConfigError(f"{flag} is for --likelihood {likelihood}; this run's likelihood is {self.likelihood}: leave {flag} out")
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (a likelihood's own
@@ -124,7 +108,7 @@ class TrainConfig:
             raise ConfigError(f"{source} has settings this version of pyro-vae does not know ({', '.join(unknown)}); it was written by a newer version: upgrade pyro-vae")
         try:
             config = cls(**d)
-            config.check_settings()  # a damaged or hand-edited file: refused here, not deep in torch
+            config.validate()  # a damaged or hand-edited file: refused here, not deep in torch
             return config
         except (TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{source} is not a valid configuration ({e})") from e

@@ -1,38 +1,24 @@
-"""Data-parallel training across the processes of a ``torchrun`` job.
+"""Communication between the processes of a ``torchrun`` job, and nothing else: joining and
+leaving the job, collectives with timeouts, agreement, sharding, replica checks. No Pyro, no model.
 
 ``torchrun`` starts one process per GPU (or CPU worker) and sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`setup` sees them and joins the job's process group. The
-:class:`~pyro_vae.train.Trainer` trains through one object with one interface, whatever the number
-of processes: :class:`SingleProcess` without those variables, :class:`Distributed` (with
-:class:`~torch.nn.parallel.DistributedDataParallel`) in a job. The interface: ``is_main``,
-``device``, ``all_or_none``, ``objective`` (loss and gradients of a step), ``share`` (the main
-process's number everywhere), ``check_replicas``, the GPU RNG state, and ``explain_failure``.
+``LOCAL_RANK``; :func:`job` joins the job's process group for the duration of a ``with`` block
+and yields this process's place in it, :class:`Distributed`, or :class:`SingleProcess` (the same
+interface, every collective trivial) outside a job. The trainer uses it the same way in both:
 
-One step, on every rank:
+* every rank holds the same global batch (``batch_size`` stays the global batch; the data order and
+  binarization come from ``(seed, epoch)``) and steps on its contiguous block of rows,
+  :meth:`Distributed.shard`, with the latent noise drawn for the global batch
+  (:class:`~pyro_vae.step.TrainingStep` with ``rows``), so its rows see the single-process draws;
+* :meth:`Distributed.sum_in_place` then sums the loss and the gradients over the ranks in one
+  all-reduce of one flat buffer: every rank holds the gradient of the global batch's ``-ELBO`` sum,
+  the single-process objective, and takes the same skip-or-step decision.
 
-* The global batch is the one single-process training would use (``batch_size`` stays the global
-  batch; :class:`~pyro_vae.data.DeviceBatches` makes the same permutation and binarization draws
-  from ``(seed, epoch)`` on every rank), and each rank keeps its contiguous block of rows
-  (:meth:`Distributed.shard`).
-* The latent noise is matched too: :class:`GlobalBatchNoise` draws the standard-normal ``eps`` of
-  the guide's ``z`` for the *global* batch from torch's RNG, whose state is the same on every rank,
-  and keeps this rank's rows. So every rank sees exactly the draws single-process training makes
-  for its rows, and the RNG streams stay identical across ranks and with a single-process run.
-* :class:`ELBOLoss` is an ``nn.Module`` whose ``forward`` is ``elbo.differentiable_loss(model,
-  guide, x)``, so DDP can wrap it and reduce the gradients during ``backward``. The loss is the
-  ``-ELBO`` *sum* over the rank's rows and the gradient reduction is a sum (:func:`sum_gradients`
-  as DDP's comm hook, instead of DDP's mean): the result is exactly the gradient of the global
-  batch's sum, the single-process objective, with no ``1/world_size`` to undo.
-* The loss sums are all-reduced, so every rank knows the global ``-ELBO`` and takes the same
-  skip-or-step decision for a non-finite step.
-
-Only rank 0 evaluates the test ELBO (and broadcasts it), and writes checkpoints, metrics and figures;
-the other ranks wait for each save and hear whether it worked, so a save that fails stops every rank
-with its reason, and ``Trainer.run`` returns on every rank once the last checkpoint is on disk (the
-ranks then leave the process group together, not one while another is still writing).
-Every collective has the timeout given to :func:`setup`, so a rank whose peer died stops with a
-:class:`DistributedError` instead of waiting forever, and a rank that cannot even start (missing
-data, a bad setting) tells all the others, which stop at once (:func:`all_or_none`).
+Only rank 0 evaluates the test ELBO (and broadcasts it), and writes checkpoints, metrics and
+figures; the other ranks wait for each save and hear whether it worked. Every collective has the
+timeout given to :func:`job`, so a rank whose peer died stops with a
+:class:`~pyro_vae.errors.DistributedError` instead of waiting forever, and a rank that cannot even
+start (missing data, a bad setting) tells all the others, which stop at once (:func:`all_or_none`).
 """
 
 from __future__ import annotations
@@ -46,42 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
-import pyro
 import torch
 import torch.distributed as dist
-from pyro.poutine.messenger import Messenger
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConfigError
+from .errors import ConfigError, DistributedError, first_line
+from .launcher import launched
 from .names import BACKENDS, DEFAULT_TIMEOUT_S
-from .noise import UnsuppliableNoise, reparameterized_normal
-from .objective import elbo_loss
 from .runtime import resolve_device
-
-
-
-class DistributedError(RuntimeError):
-    """The ranks of a distributed run lost each other, disagree, or another rank failed."""
-
-
-def launched() -> bool:
-    """Whether this process is one rank of a job started by ``torchrun`` (or any ``env://`` launcher)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def rank_label() -> str | None:
-    """``"rank R of W"`` for a process launched as part of a job, else None."""
-    if dist.is_available() and dist.is_initialized():
-        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
-    if launched():
-        return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}"
-    return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:500]
 
 
 class SingleProcess:
@@ -96,24 +54,15 @@ class SingleProcess:
     def all_or_none(self, doing: str) -> Iterator[None]:
         yield
 
-    def objective(self, vae: nn.Module, elbo: Any, device: torch.device, step: str = "eager"):
-        """``loss_and_grads(x, kl_weight)``: ``-ELBO_beta`` of ``x`` (detached), gradients in ``.grad``;
-        ``step`` ``"traced"`` or ``"inductor"`` runs the graph traced from model and guide
-        (:class:`~pyro_vae.compiled.CompiledStep`, the same draws), ``"eager"`` the Pyro ELBO."""
-        if step != "eager":
-            from .compiled import CompiledStep
+    def shard(self, n: int) -> tuple[int, int, float]:
+        """All ``n`` rows of a batch, weight 1."""
+        return 0, n, 1.0
 
-            return CompiledStep(vae, elbo=elbo, compile=step).loss_and_grads
+    def sum_in_place(self, tensors: list[torch.Tensor], what: str = "") -> None:
+        """One process: the sum over ranks is the tensors themselves."""
 
-        def loss_and_grads(x: torch.Tensor, kl_weight: float) -> torch.Tensor:
-            # the data were checked once when training started; per-step validation would stop at
-            # the first non-finite parameter with a traceback instead of skipping the step
-            with pyro.validation_enabled(False):
-                loss = elbo_loss(elbo, vae.model, vae.guide, x, kl_weight)
-            loss.backward()
-            return loss.detach()
-
-        return loss_and_grads
+    def broadcast_object(self, obj: Any, what: str) -> Any:
+        return obj
 
     def share(self, value: float, device: torch.device, what: str) -> float:
         return value
@@ -141,9 +90,6 @@ class Distributed:
     backend: str
     timeout_s: float | None
 
-    def __str__(self) -> str:
-        return f"rank {self.rank} of {self.world_size}"
-
     @property
     def is_main(self) -> bool:
         """Rank 0 writes the files and prints."""
@@ -155,22 +101,6 @@ class Distributed:
         if self.backend == "nccl" and device.type != "cuda":
             raise ConfigError(f"the nccl backend reduces CUDA tensors only, but this run trains on {device}; use --backend gloo (or auto) or a CUDA device")
         return device
-
-    def objective(self, vae: nn.Module, elbo: Any, device: torch.device, step: str = "eager"):
-        """``loss_and_grads(x, kl_weight)`` for the global batch ``x`` (always the eager Pyro ELBO: ``step``
-        is ignored, the traced graph does not shard the noise): this rank runs its rows through
-        DDP, whose backward sums the gradients of all ranks' rows; returns the global batch's
-        ``-ELBO_beta``, the same on every rank, so all take the same skip-or-step decision."""
-        loss_module = self.wrap(ELBOLoss(vae, elbo), device)
-
-        def loss_and_grads(x: torch.Tensor, kl_weight: float) -> torch.Tensor:
-            start, stop, weight = self.shard(x.shape[0])
-            with pyro.validation_enabled(False):
-                loss = loss_module(x[start:stop], start, stop, x.shape[0], kl_weight)
-            self.backward(loss * weight)
-            return self.all_reduce_sum(loss.detach() * weight)
-
-        return loss_and_grads
 
     def share(self, value: float, device: torch.device, what: str) -> float:
         """Rank 0's ``value`` on every rank."""
@@ -199,24 +129,13 @@ class Distributed:
         """This rank's rows ``[start, stop)`` of a global batch of ``n`` and their weight.
 
         Contiguous blocks, the first ``n % world_size`` ranks one row longer. A rank left without
-        rows (a last batch smaller than the world) borrows row 0 with weight 0: it still runs the
-        forward and backward that DDP's gradient reduction and the shared RNG stream need.
+        rows (a last batch smaller than the world) borrows row 0 with weight 0: it still draws the
+        global batch's noise, so the ranks' RNG streams stay together.
         """
         base, extra = divmod(n, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         size = base + (1 if self.rank < extra else 0)
         return (start, start + size, 1.0) if size else (0, 1, 0.0)
-
-    def wrap(self, loss_module: nn.Module, device: torch.device) -> DistributedDataParallel:
-        """``loss_module`` in DDP, parameters broadcast from rank 0, gradients summed over ranks."""
-        with self.collective("set up DistributedDataParallel"):
-            ddp = DistributedDataParallel(
-                loss_module,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                forward_sync_buffers=False,  # the buffers (prior, fixed scales) never change: synced once, at init
-            )
-        ddp.register_comm_hook(state=None, hook=sum_gradients)
-        return ddp
 
     @contextlib.contextmanager
     def collective(self, what: str) -> Iterator[None]:
@@ -231,19 +150,8 @@ class Distributed:
         timeout = f" (timeout {self.timeout_s:g} s, --dist-timeout)" if self.timeout_s else ""
         return DistributedError(
             f"lost contact with the other ranks while trying to {what}{timeout}: another rank probably "
-            f"crashed, hung or was stopped; see its output. Cause: {_first_line(error)}"
+            f"crashed, hung or was stopped; see its output. Cause: {first_line(error)}"
         )
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, during which DDP sums the gradients over the ranks; a failure of
-        that reduction (recorded by :func:`sum_gradients`) becomes a :class:`DistributedError`."""
-        _hook_failures.clear()
-        try:
-            loss.backward()
-        except RuntimeError as e:
-            if not _hook_failures:
-                raise  # autograd's own error, not the communication's
-            raise self.lost_contact("sum the gradients with the other ranks", _hook_failures[0]) from e
 
     def agree(self, error: BaseException | None, doing: str) -> None:
         """Collective: every rank reports whether it could ``doing``. Raises on every rank if any
@@ -259,12 +167,15 @@ class Distributed:
             more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
             raise DistributedError(f"rank {rank} of {self.world_size}{more} could not {doing}: {message}")
 
-    def all_reduce_sum(self, tensor: torch.Tensor, what: str = "sum the loss over the ranks") -> torch.Tensor:
-        """The sum over ranks of ``tensor`` (a new tensor, the same on every rank)."""
-        total = tensor.detach().clone().reshape(-1)
+    def sum_in_place(self, tensors: list[torch.Tensor], what: str = "sum the loss and gradients over the ranks") -> None:
+        """Replace each of ``tensors`` (same shapes on every rank) by its sum over the ranks, in one
+        all-reduce of one flat buffer (the gradient summation of data-parallel training)."""
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         with self.collective(what):
-            dist.all_reduce(total)
-        return total.reshape(tensor.shape)
+            dist.all_reduce(flat)
+        with torch.no_grad():
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(part.view_as(t))
 
     def broadcast_float(self, value: float, device: torch.device, what: str) -> float:
         """Rank 0's ``value`` on every rank."""
@@ -294,108 +205,74 @@ class Distributed:
             raise DistributedError(f"the model's parameters differ between ranks (ranks with equal parameters: {list(groups.values())}); the replicas went out of sync and training cannot go on")
 
 
-_hook_failures: list[BaseException] = []  # what made sum_gradients fail, for Distributed.backward
-
-
-def sum_gradients(state, bucket):  # no annotations: DDP checks them, and they are strings here
-    """DDP comm hook: all-reduce the gradient bucket ``bucket`` (a ``dist.GradBucket``) as a *sum*
-    over the process group ``state`` (None: the default group); DDP's own hook averages.
-    DDP reports a failure here as a bare RuntimeError, so it is also recorded."""
-
-    def summed(fut):
-        try:
-            return fut.value()[0]
-        except Exception as e:
-            _hook_failures.append(e)
-            raise
-
-    try:
-        return dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future().then(summed)
-    except Exception as e:
-        _hook_failures.append(e)
-        raise
-
-
-_active: Distributed | None = None
-_owned = False  # whether setup() created the process group (and shutdown() may destroy it)
-
-
-def setup(backend: str = "auto", timeout_s: float | None = None) -> Distributed | SingleProcess:
-    """Join the torchrun job this process belongs to; :class:`SingleProcess` when it is a plain process.
+@contextlib.contextmanager
+def job(backend: str = "auto", timeout_s: float | None = None) -> Iterator[Distributed | SingleProcess]:
+    """This process's place in the ``torchrun`` job it belongs to, joined for the ``with`` block
+    and left at its end; :class:`SingleProcess` when it is a plain process.
 
     ``backend``: ``auto`` (NCCL for CUDA tensors and gloo for CPU tensors, or gloo alone where there
     is no GPU), ``nccl`` or ``gloo``; ignored outside a job. ``timeout_s`` bounds every wait for the
-    other ranks, joining included (default :data:`DEFAULT_TIMEOUT_S`). A process group someone else
-    initialized is used as it is. Calling this again returns the same object.
+    other ranks, joining included (default :data:`~pyro_vae.names.DEFAULT_TIMEOUT_S`). A process
+    group someone else initialized is used as it is, and left to them.
     """
-    global _active, _owned
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if timeout_s is not None and not timeout_s > 0:
         raise ConfigError(f"the distributed timeout must be a positive number of seconds, got {timeout_s}")
-    if _active is not None and dist.is_initialized():
-        return _active
+    if not launched() and not (dist.is_available() and dist.is_initialized()):
+        yield SingleProcess()
+        return
     if not dist.is_available():
-        if launched():
-            raise ConfigError("this process was launched as part of a distributed job but this torch build has no torch.distributed")
-        return SingleProcess()
+        raise ConfigError("this process was launched as part of a distributed job but this torch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        if not launched():
-            return SingleProcess()
+    owned = not dist.is_initialized()
+    if owned:
         timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
-        cuda = torch.cuda.is_available()
-        if backend == "nccl" and not cuda:
-            raise ConfigError("the nccl backend needs CUDA GPUs and none is available; use --backend gloo or auto")
-        if cuda and local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank)  # NCCL's collectives run on the current device
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-        if missing:
-            raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun, or unset RANK and WORLD_SIZE for a single process")
-        name = {"auto": "cpu:gloo,cuda:nccl" if cuda else "gloo"}.get(backend, backend)
-        try:
-            dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout_s))
-        except (RuntimeError, ValueError) as e:  # dist.DistError, or a bad environment
-            raise DistributedError(
-                f"could not join the job at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (timeout {timeout_s:g} s, "
-                f"--dist-timeout); is every node started, with the same --nnodes and --master_addr? Cause: {_first_line(e)}"
-            ) from e
-        _owned = True
-    _active = Distributed(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=local_rank,
-        backend=str(dist.get_backend()),
-        timeout_s=timeout_s if _owned else None,
-    )
-    return _active
+        _join(backend, timeout_s, local_rank)
+    try:
+        yield Distributed(dist.get_rank(), dist.get_world_size(), local_rank, str(dist.get_backend()), timeout_s if owned else None)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _join(backend: str, timeout_s: float, local_rank: int) -> None:
+    """``init_process_group`` from torchrun's environment, its failures in one line."""
+    cuda = torch.cuda.is_available()
+    if backend == "nccl" and not cuda:
+        raise ConfigError("the nccl backend needs CUDA GPUs and none is available; use --backend gloo or auto")
+    if cuda and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # NCCL's collectives run on the current device
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun, or unset RANK and WORLD_SIZE for a single process")
+    name = {"auto": "cpu:gloo,cuda:nccl" if cuda else "gloo"}.get(backend, backend)
+    try:
+        dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as e:  # dist.DistError, or a bad environment
+        raise DistributedError(
+            f"could not join the job at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (timeout {timeout_s:g} s, "
+            f"--dist-timeout); is every node started, with the same --nnodes and --master_addr? Cause: {first_line(e)}"
+        ) from e
 
 
 def end_process(code: int = 0) -> NoReturn:
-    """End this process with exit status ``code``. In a torchrun job: leave the process group,
-    flush stdout and stderr, and ``os._exit(code)``, skipping the interpreter's finalization (and
-    so any ``atexit`` handler); outside one, ``sys.exit(code)``.
+    """End this process with exit status ``code``. In a torchrun job: leave the process group if it
+    is still joined, flush stdout and stderr, and ``os._exit(code)``, skipping the interpreter's
+    finalization (and so any ``atexit`` handler); outside one, ``sys.exit(code)``.
 
-    Why: a process group that :class:`~torch.nn.parallel.DistributedDataParallel` has used stays
-    alive after :func:`shutdown`, gloo's threads running (DDP's C++ reducer keeps it; torch 2.15),
-    until the interpreter's finalization, where about 1 process in 100 aborts with SIGABRT
-    ("terminate called without an active exception") after all its work is done, which fails the
-    torchrun job. A script started by torchrun should end with this call; ``pyro-vae`` does.
+    Why: with torch 2.15, a process group that DistributedDataParallel had used stayed alive into
+    the interpreter's finalization, where about 1 process in 100 aborted with SIGABRT after all its
+    work was done, failing the job. pyro-vae no longer uses DDP, but a user's code in the same
+    process may: a script started by torchrun should end with this call; ``pyro-vae`` does.
     """
     if not launched():
         sys.exit(code)
-    shutdown()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
-
-
-def shutdown() -> None:
-    """Leave the process group :func:`setup` created (a no-op otherwise)."""
-    global _active, _owned
-    if _owned and dist.is_initialized():
-        dist.destroy_process_group()
-    _active, _owned = None, False
 
 
 @contextlib.contextmanager
@@ -412,61 +289,3 @@ def all_or_none(d: Distributed | SingleProcess | None, doing: str) -> Iterator[N
         d.agree(e, doing)
         raise
     d.agree(None, doing)
-
-
-class GlobalBatchNoise(Messenger):
-    """Draw the noise of reparameterized Normal sample sites for the whole global batch and keep
-    this rank's rows ``[start, stop)`` of the data plate.
-
-    ``Normal.rsample`` is ``loc + eps * scale`` with ``eps = empty(shape).normal_()``; here ``eps``
-    is drawn with the global batch in the plate's place of ``shape`` and sliced, so a rank's ``z``
-    are bitwise the ones a single process makes for those rows, and torch's RNG advances exactly as
-    in a single process. Sites with a value already (observed, replayed) are left alone; any other
-    random site is refused, as its draws could not be matched.
-
-    Installed around the whole ELBO call, it sees each site after every plate (the data plate and
-    the vectorized-particles plate) has broadcast its distribution.
-    """
-
-    def __init__(self, start: int, stop: int, global_size: int, plate: str = "data"):
-        super().__init__()
-        self.start, self.stop, self.global_size, self.plate = start, stop, global_size, plate
-
-    def _pyro_sample(self, msg) -> None:
-        try:
-            base = reparameterized_normal(msg)
-        except UnsuppliableNoise as e:
-            raise DistributedError(f"{e}; distributed training cannot match its draws to the global batch") from None
-        if base is None:
-            return
-        fn, name = msg["fn"], msg["name"]
-        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
-        if frame is None:
-            raise DistributedError(f"sample site {name!r} is outside the {self.plate!r} plate, so it has no rows to shard")
-        shape = list(fn.batch_shape + fn.event_shape)
-        dim = len(fn.batch_shape) + frame.dim
-        if shape[dim] != self.stop - self.start:
-            raise DistributedError(f"sample site {name!r} has {shape[dim]} rows in plate {self.plate!r}, this rank's shard has {self.stop - self.start}")
-        shape[dim] = self.global_size
-        eps = torch.empty(shape, dtype=base.loc.dtype, device=base.loc.device).normal_()
-        msg["value"] = base.loc + eps.narrow(dim, self.start, self.stop - self.start) * base.scale
-
-
-class ELBOLoss(nn.Module):
-    """``-ELBO`` of a batch as a module's ``forward``, so that DDP can wrap it (Pyro's ELBO calls the
-    VAE's networks directly, never a module's ``forward``, which is what DDP hooks).
-
-    ``forward(x)`` is ``elbo_loss(elbo, vae.model, vae.guide, x, kl_weight)``; with ``global_size``,
-    ``x`` is rows ``[start, stop)`` of a global batch and the latent noise is matched to it
-    (:class:`GlobalBatchNoise`).
-    """
-
-    def __init__(self, vae: nn.Module, elbo: Any):
-        super().__init__()
-        self.vae = vae
-        self.elbo = elbo
-
-    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None, global_size: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
-        noise = contextlib.nullcontext() if global_size is None else GlobalBatchNoise(start, x.shape[0] + start if stop is None else stop, global_size)
-        with noise:
-            return elbo_loss(self.elbo, self.vae.model, self.vae.guide, x, kl_weight)

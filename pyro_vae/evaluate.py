@@ -207,7 +207,7 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     check_count("num_samples", num_samples)
     check_count("chunk_size", chunk_size)
     check_count("keep_log_weights", keep_log_weights, minimum=0)
-    from .run import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
+    from .memory import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
 
     check_step_memory(vae, min(chunk_size, num_samples), batches.batch_size, vae.prior_loc.device, "--chunk-size or --num-samples", training=False, extra_bytes=2 * 8 * num_samples * len(batches.labels))
     with seeded(vae.prior_loc.device, seed):

@@ -24,7 +24,7 @@ from torch import nn
 from . import discretized
 from .checks import check_count
 from .errors import ConfigError, DataError
-from .names import LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES
+from .names import DATA_KINDS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES
 from .networks import inverse_positive_scale, positive_scale
 
 
@@ -55,15 +55,12 @@ class StableContinuousBernoulli(dist.ContinuousBernoulli):
 class Likelihood(nn.Module):
     """Base class: maps decoder outputs of shape ``(..., num_params * C, *rest)`` to ``p(x|z)``.
 
-    A likelihood also owns the facts about the data it models: ``default_binarization`` (what the
-    pixels need before it can score them), :meth:`check_support`, and ``data_kind``: ``"binary"``
-    (a probability mass on binarized pixels), ``"8bit"`` (a mass on the 256 levels of each pixel) or
-    ``"density"`` (a density on continuous pixels, whose values are not probabilities: no bits/dim).
+    A likelihood checks its data (:meth:`check_support`) and says what its ``log p(x)`` is of,
+    ``data_kind`` (:data:`~pyro_vae.names.DATA_KINDS`, with the pixel preparations each accepts).
     """
 
+    name: str  # its key in pyro_vae.names.LIKELIHOODS
     num_params = 1
-    default_binarization = "none"
-    data_kind = "density"
     log_prob_numbers = 4  # numbers per pixel and draw that scoring x keeps alive (for memory estimates)
 
     def __init__(self, x_shape: Sequence[int]):
@@ -84,19 +81,19 @@ class Likelihood(nn.Module):
     def pixel_distribution(self, *params: torch.Tensor) -> dist.TorchDistribution:
         raise NotImplementedError
 
+    @property
+    def data_kind(self) -> str:
+        """``"binary"``, ``"8bit"`` or ``"density"``: what ``log p(x)`` is of."""
+        return DATA_KINDS[self.name]
+
     def check_support(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` naming the fix if ``x`` lies outside this likelihood's support."""
-
-    @classmethod
-    def check_binarization(cls, binarization: str) -> None:
-        """Raise :class:`DataError` if pixels prepared with ``binarization`` cannot be in the support."""
 
 
 class BernoulliLikelihood(Likelihood):
     """``x_d ~ Bernoulli(sigmoid(logits_d))``: binary data only."""
 
-    default_binarization = "dynamic"
-    data_kind = "binary"
+    name = "bernoulli"
 
     def pixel_distribution(self, logits):
         return dist.Bernoulli(logits=logits)
@@ -109,18 +106,11 @@ class BernoulliLikelihood(Likelihood):
                 "'threshold'), or use likelihood 'continuous_bernoulli' or 'normal' for continuous pixels."
             )
 
-    @classmethod
-    def check_binarization(cls, binarization):
-        if binarization in ("none", "dequantize"):
-            raise DataError(
-                f"the bernoulli likelihood needs pixels in {{0, 1}} but binarization {binarization!r} keeps them "
-                "continuous in [0, 1]; use --binarize dynamic, static or threshold, or the "
-                "continuous_bernoulli, normal or a discretized likelihood"
-            )
-
 
 class ContinuousBernoulliLikelihood(Likelihood):
     """``x_d ~ ContinuousBernoulli(sigmoid(logits_d))``: a proper density on [0, 1]."""
+
+    name = "continuous_bernoulli"
 
     def pixel_distribution(self, logits):
         return StableContinuousBernoulli(logits=logits)
@@ -141,6 +131,8 @@ class NormalLikelihood(Likelihood):
     learned scale per pixel, independent of z) or ``"decoder"`` (predicted from z, two decoder
     outputs per pixel). Learned scales start at ``init_scale`` and stay above ``MIN_SCALE``.
     """
+
+    name = "normal"
 
     def __init__(self, x_shape: Sequence[int], scale: str | float = "shared", init_scale: float = 1.0):
         super().__init__(x_shape)
@@ -178,7 +170,6 @@ class DiscretizedLikelihood(Likelihood):
     pixel. Its log-likelihood is a log-probability of the 8-bit image: bits/dim are meaningful."""
 
     num_params = 2
-    data_kind = "8bit"
     distribution: type = discretized.DiscretizedLogistic
 
     def pixel_distribution(self, loc, raw):
@@ -191,12 +182,6 @@ class DiscretizedLikelihood(Likelihood):
                 "Feed uint8 images as x.float() / 255 without dequantizing (--binarize none), or use a density likelihood "
                 "('normal', 'continuous_bernoulli') for continuous data."
             )
-
-    @classmethod
-    def check_binarization(cls, binarization):
-        if binarization != "none":
-            what = "dequantize is for density likelihoods" if binarization == "dequantize" else "binarized pixels are not 8-bit images; the bernoulli likelihood models them"
-            raise DataError(f"the {cls.name} likelihood scores the 8-bit levels themselves; use --binarize none ({what})")
 
 
 class DiscretizedLogisticLikelihood(DiscretizedLikelihood):
@@ -232,14 +217,9 @@ class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
         return discretized.DiscretizedLogisticMixture(logits, loc, discretized.discretized_scale(raw))
 
 
-LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {
-    "bernoulli": BernoulliLikelihood,
-    "continuous_bernoulli": ContinuousBernoulliLikelihood,
-    "normal": NormalLikelihood,
-    "discretized_logistic": DiscretizedLogisticLikelihood,
-    "discretized_normal": DiscretizedNormalLikelihood,
-    "discretized_logistic_mixture": DiscretizedLogisticMixtureLikelihood,
-}
+_CLASSES = (BernoulliLikelihood, ContinuousBernoulliLikelihood, NormalLikelihood, DiscretizedLogisticLikelihood, DiscretizedNormalLikelihood, DiscretizedLogisticMixtureLikelihood)
+LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {cls.name: cls for cls in _CLASSES}
+assert tuple(LIKELIHOOD_CLASSES) == LIKELIHOODS, "every name in pyro_vae.names.LIKELIHOODS has its class here"
 
 
 def likelihood_class(name: str) -> type[Likelihood]:

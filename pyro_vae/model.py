@@ -196,3 +196,17 @@ class VAE(nn.Module):
         """Mean of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``."""
         z = self.prior().sample((_count("the number of samples n", n),))
         return self.likelihood(self.decoder(z)).mean
+
+
+def build_vae(config) -> VAE:
+    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes."""
+    return VAE(
+        x_dim=math.prod(IMAGE_SHAPE),
+        z_dim=config.z_dim,
+        likelihood=config.likelihood,
+        normal_scale=config.normal_scale,
+        mixture_components=config.mixture_components,
+        architecture=config.architecture,
+        hidden=config.hidden,
+        activation=config.activation,
+    )

@@ -4,16 +4,28 @@ so that ``pyro-vae --help`` answers without loading torch. """
 from .errors import ConfigError, DataError
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "normal", "discretized_logistic", "discretized_normal", "discretized_logistic_mixture")
+# likelihood -> what its log p(x) is of: "binary" (a mass on binarized pixels), "8bit" (a mass on the
+# 256 levels of each pixel) or "density" (a density on continuous pixels: not a probability, no bits/dim)
+DATA_KINDS = {
+    "bernoulli": "binary",
+    "continuous_bernoulli": "density",
+    "normal": "density",
+    "discretized_logistic": "8bit",
+    "discretized_normal": "8bit",
+    "discretized_logistic_mixture": "8bit",
+}
+LIKELIHOODS = tuple(DATA_KINDS)
 NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
 MAX_MIXTURE_COMPONENTS = 100  # logistics per pixel; PixelCNN++ uses 10, more is a typo rather than a model
 LIKELIHOOD_OPTIONS = {"normal_scale": "normal", "mixture_components": "discretized_logistic_mixture"}  # setting -> the one likelihood that reads it
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
+TRAIN_ESTIMATORS = ("trace", "meanfield", "iwae")  # renyi tempers its weights under minibatch scaling: compare only
 ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("softplus", "relu", "tanh", "elu")
 BINARIZATIONS = ("none", "threshold", "static", "dynamic", "dequantize")  # pixel preparations
 BACKENDS = ("auto", "nccl", "gloo")
-STEP_MODES = ("traced", "inductor", "eager")  # how a training step runs: pyro_vae.compiled
+STEP_MODES = ("traced", "inductor", "eager")  # how a training step runs: pyro_vae.step
+DEFAULT_STEP = "traced"  # the same draws and numbers as eager, without Pyro's per-step Python work
 DEFAULT_TIMEOUT_S = 600.0  # how long a rank of a distributed run waits for the others
 
 
@@ -21,6 +33,27 @@ def check_binarization_name(binarization: str) -> None:
     """:class:`~pyro_vae.errors.ConfigError` unless ``binarization`` is one of :data:`BINARIZATIONS`."""
     if binarization not in BINARIZATIONS:
         raise ConfigError(f"unknown binarization {binarization!r}; valid: {', '.join(BINARIZATIONS)}")
+
+
+def default_binarization(likelihood: str) -> str:
+    """How pixels are prepared for ``likelihood`` unless asked otherwise: dynamic binarization for
+    binary data, the pixels as they are (k / 255) otherwise."""
+    return "dynamic" if DATA_KINDS[likelihood] == "binary" else "none"
+
+
+def check_binarization(likelihood: str, binarization: str) -> None:
+    """:class:`DataError` if pixels prepared with ``binarization`` cannot lie in ``likelihood``'s support."""
+    check_binarization_name(binarization)
+    kind = DATA_KINDS[likelihood]
+    if kind == "binary" and binarization in ("none", "dequantize"):
+        raise DataError(
+            f"the {likelihood} likelihood needs pixels in {{0, 1}} but binarization {binarization!r} keeps them "
+            "continuous in [0, 1]; use --binarize dynamic, static or threshold, or the "
+            "continuous_bernoulli, normal or a discretized likelihood"
+        )
+    if kind == "8bit" and binarization != "none":
+        what = "dequantize is for density likelihoods" if binarization == "dequantize" else "binarized pixels are not 8-bit images; the bernoulli likelihood models them"
+        raise DataError(f"the {likelihood} likelihood scores the 8-bit levels themselves; use --binarize none ({what})")
 
 
 def dataset_name(name: str) -> str:

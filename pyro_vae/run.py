@@ -20,7 +20,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -28,22 +28,8 @@ from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint, wr
 from .config import TrainConfig
 from .data import DeviceBatches, ImageDataset, load_dataset
 from .errors import ConfigError, DataError
-from .model import VAE
+from .model import VAE, build_vae
 from .runtime import resolve_device
-
-def build_vae(config: TrainConfig) -> VAE:
-    """The (untrained) VAE a config describes."""
-    return VAE(
-        x_dim=784,
-        z_dim=config.z_dim,
-        likelihood=config.likelihood,
-        normal_scale=config.normal_scale,
-        mixture_components=config.mixture_components,
-        architecture=config.architecture,
-        hidden=config.hidden,
-        activation=config.activation,
-    )
-
 
 def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device: torch.device) -> DeviceBatches:
     """The ``"train"`` or ``"test"`` split as the run sees it: its size limit, batch size,
@@ -51,44 +37,6 @@ def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device
     limit = config.max_train if split == "train" else config.max_test
     images, labels = getattr(dataset, f"{split}_images")[:limit], getattr(dataset, f"{split}_labels")[:limit]
     return DeviceBatches(images, labels, config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=split == "train", flatten=config.architecture == "mlp", device=device)
-
-
-def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True) -> int:
-    """A rough estimate of the memory one step over ``particles`` x ``batch`` draws of z needs: every
-    decoder activation (counted on one draw) and the per-pixel numbers that scoring x keeps for each
-    draw (``Likelihood.log_prob_numbers``), 4 bytes a number, times 3 with gradients (saved
-    activations, gradients, temporaries) or 2 without."""
-    counted = []
-    hooks = [m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0)) for m in vae.decoder.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            vae.decoder(vae.prior_loc.new_zeros(1, vae.z_dim))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
-    return particles * batch * per_draw * 4 * (3 if training else 2)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes a step may use: the GPU's free memory, else the machine's physical memory; None if unknown."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        return None
-
-
-def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0) -> None:
-    """:class:`ConfigError` naming ``options`` if a step (:func:`step_memory_bytes`, plus
-    ``extra_bytes``) would need more memory than ``device`` has, before anything is allocated."""
-    need = step_memory_bytes(vae, particles, batch, training) + extra_bytes
-    have = available_memory(torch.device(device))
-    if have is not None and need > have:
-        where = "free GPU memory" if torch.device(device).type == "cuda" else "memory"
-        what = f"{particles} particles x {batch} images a step" + (f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else "")
-        raise ConfigError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on {device}; lower {options}")
 
 
 def data_identity(dataset: ImageDataset) -> dict[str, str]:
@@ -202,11 +150,6 @@ class RunFolder:
 
     def write_text(self, name: str, text: str) -> Path:
         write_atomic(self.path / name, text)
-        return self.path / name
-
-    def write_with(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Let ``write(tmp_path)`` produce a file, then rename it over ``name`` atomically."""
-        replace_atomically(self.path / name, write)
         return self.path / name
 
     def write_config(self, config: TrainConfig) -> None:

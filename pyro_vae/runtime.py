@@ -72,10 +72,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
+def preserved_rng(device: torch.device):
+    """A context whose draws leave torch's RNG for the CPU and ``device`` as it was (``fork_rng``)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 @contextlib.contextmanager
 def seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Draw from ``seed`` and leave the training RNG stream (CPU and ``device``) as it was, so that
     evaluation and figures never change what training draws next (exact resumes need that)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with preserved_rng(device):
         torch.manual_seed(seed)
         yield

@@ -1,6 +1,6 @@
 """The training loop: stochastic variational inference on image data, epoch by epoch.
 
-Each step minimizes ``-ELBO_beta`` of a minibatch (:func:`~pyro_vae.objective.elbo_loss`, one of
+Each step minimizes ``-ELBO_beta`` of a minibatch (:func:`~pyro_vae.kl_weight.elbo_loss`, one of
 :func:`~pyro_vae.make_elbo`'s estimators, ``beta`` the KL weight of annealing) with Adam on the
 VAE's parameters; a step whose loss or gradient is not finite is skipped. Every epoch appends the
 train ELBO and the test ELBO of the model as defined (never weighted) to ``metrics.jsonl``,
@@ -11,13 +11,16 @@ Reproducibility: the data order and the binarization draws depend only on ``(see
 (:class:`~pyro_vae.data.DeviceBatches`), the latent draws on torch's RNG, whose state the
 checkpoint keeps; so on CPU a resumed run repeats an uninterrupted one exactly.
 
-Where the steps run is one object, ``parallel`` (:mod:`pyro_vae.distributed`): a single process,
-or one rank of a ``torchrun`` job that trains data-parallel on the same global batches.
+A step (:meth:`Trainer.train_step`) reads the same in one process and in a ``torchrun`` job: this
+process's rows of the global batch through the :class:`~pyro_vae.step.TrainingStep` (eager, traced
+or compiled, as asked), the loss and gradients summed over the processes (``parallel``, from
+:func:`pyro_vae.distributed.job`; nothing to sum in one process), then Adam.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -26,56 +29,84 @@ import pyro
 import torch
 
 from . import distributed
+from .config import TrainConfig
 from .data import load_dataset
-from .errors import ConfigError, NumericalError
+from .errors import ConfigError, DistributedError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
-from .model import VAE
-from .config import TrainConfig
-from .run import RunFolder, build_vae, check_same_data, data_identity, split_batches
-from .runtime import rng_state, set_rng_state
+from .launcher import launched
+from .memory import check_step_memory
+from .model import VAE, build_vae
+from .run import RunFolder, check_same_data, data_identity, split_batches
+from .runtime import load_torchvision, rng_state, set_rng_state
+from .step import TrainingStep
 
 # a step whose loss or gradient is not finite is skipped; this many in a row stop the run
 MAX_CONSECUTIVE_BAD_STEPS = 20
 
 
 class Trainer:
-    """A run's model, optimizer, data and folder; :meth:`run` trains the remaining epochs.
+    """A run's model, optimizer, step, data and folder; :meth:`fit` trains the remaining epochs.
 
-    ``allow_different_data``: resume on data whose fingerprint differs from the run's. In a process
-    started by ``torchrun`` it joins the job (``backend``, ``dist_timeout`` in seconds) and trains
-    data-parallel; ``run_dir`` must then be one folder for every rank (a shared file system).
+    ``config``: the run's :class:`TrainConfig`. With ``resume``, the run in ``run_dir`` continues
+    from its checkpoint: ``config`` must then agree with it on every field that defines the model,
+    or be None for the run's own configuration with ``changes`` (a dict of settings, such as
+    ``epochs``) applied. ``allow_different_data``: resume on data whose fingerprint differs from the
+    run's. ``parallel``: this process's place in a ``torchrun`` job (:func:`pyro_vae.distributed.job`;
+    default: a single process); ``run_dir`` must then be one folder for every rank.
+
+    The main process holds the run folder's lock from construction until :meth:`close`; use the
+    trainer as a context manager (``with Trainer(...) as trainer: trainer.fit()``) so that it is
+    released whatever happens. A constructor that fails has released it already.
     """
 
-    def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, *, backend: str = "auto", dist_timeout: float | None = None, allow_different_data: bool = False):
-        self.parallel = distributed.setup(backend, dist_timeout)
+    def __init__(self, config: TrainConfig | None, run_dir: str | Path, resume: bool = False, progress: bool = True, *, changes: dict[str, Any] | None = None, parallel: distributed.Distributed | distributed.SingleProcess | None = None, allow_different_data: bool = False):
+        if parallel is None and launched():
+            raise ConfigError("this process is one rank of a torchrun job: train with pyro_vae.train.train, or pass parallel= from pyro_vae.distributed.job()")
+        self.parallel = parallel or distributed.SingleProcess()
         self.folder = RunFolder(run_dir)
         self._held = contextlib.ExitStack()
-        with self.parallel.all_or_none("start training"):
-            if self.parallel.is_main:
-                self._held.enter_context(self.folder.locked("train"))
-            self._setup(config, resume, progress, allow_different_data)
-        self.loss_and_grads = self.parallel.objective(self.vae, self.elbo, self.device, config.step)
-        if self.parallel.is_main and not resume:  # a resumed run's config.json changes with its first new checkpoint
-            self.folder.write_config(config)
+        try:
+            with self.parallel.all_or_none("start training"):
+                if self.parallel.is_main:
+                    self._held.enter_context(self.folder.locked("train"))
+                self._setup(config, resume, changes or {}, progress, allow_different_data)
+            if self.parallel.is_main and not resume:  # a resumed run's config.json changes with its first new checkpoint
+                self.folder.write_config(self.config)
+        except BaseException:
+            self.close()
+            raise
 
-    def _setup(self, config: TrainConfig, resume: bool, progress: bool, allow_different_data: bool) -> None:
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _setup(self, config: TrainConfig | None, resume: bool, changes: dict[str, Any], progress: bool, allow_different_data: bool) -> None:
+        state = saved_vae = None
+        if resume:
+            state, saved_config, saved_vae = self.folder.load_checked()  # the one load of the checkpoint
+            config = self._resumed_config(saved_config, config, changes, len(state["metrics"]))
+        elif config is None:
+            raise ConfigError("a new run needs its TrainConfig; config=None is for resuming a run")
         config.validate()
         self.config, self.progress = config, progress and self.parallel.is_main
-        state, saved_vae = self._resume_state() if resume else (None, None)
         if not resume and not self.folder.is_fresh_for(config):
             raise ConfigError(f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or choose another --run-dir")
+        load_torchvision()  # it draws every epoch's figures: refused now rather than after the first epoch
         self.device = self.parallel.device(config.device)
+        torch.manual_seed(config.seed)
+        self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
+        check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, "--num-particles or --batch-size")
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download)
         self.data = data_identity(self.dataset)
         if state is not None:
             check_same_data(self.folder.path, state["data"], self.data, allow_different_data)
         self.train_batches = split_batches(config, self.dataset, "train", self.device)
         self.test_batches = split_batches(config, self.dataset, "test", self.device)
-        torch.manual_seed(config.seed)
-        self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
-        self.elbo = make_elbo(config.estimator, config.num_particles, vectorize_particles=True)
+        self.step = TrainingStep(self.vae, make_elbo(config.estimator, config.num_particles, vectorize_particles=True), mode=config.step)
         self.metrics: list[dict[str, Any]] = []
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -84,20 +115,23 @@ class Trainer:
             self.parallel.restore_device_rng(state["rng"], self.device)
         self.vae.check_data(next(self.train_batches.epoch(0))[0])  # support, shape, dtype, device: once
         self.bad_in_a_row = 0
+        self.step_announced = False
 
-    def _resume_state(self) -> tuple[dict[str, Any], VAE]:
-        """The checkpoint to resume and its trained VAE (on the CPU), both checked; the run's
-        configuration must match the checkpoint's in every field that defines the model."""
-        state, saved_config, vae = self.folder.load_checked()
-        saved = saved_config.identity()
-        changed = {k: (saved[k], v) for k, v in self.config.identity().items() if saved.get(k) != v}
+    def _resumed_config(self, saved: TrainConfig, config: TrainConfig | None, changes: dict[str, Any], done: int) -> TrainConfig:
+        """The configuration to resume with: ``config``, or the saved one with ``changes``; refused
+        if it differs from the checkpoint's in a field that defines the model, or asks for fewer
+        epochs than the run has done."""
+        if config is None:
+            config = dataclasses.replace(saved, **changes)
+            config.check_options_given(changes)
+        before = saved.identity()
+        changed = {k: (before[k], v) for k, v in config.identity().items() if before.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
             raise ConfigError(f"cannot resume {self.folder.path}: its checkpoint was trained with a different configuration ({detail})")
-        done = len(state["metrics"])
-        if self.config.epochs < done:
-            raise ConfigError(f"cannot resume {self.folder.path} to {self.config.epochs} epochs: it has trained {done} already; pass --epochs above {done} to train more")
-        return state, vae
+        if config.epochs < done:
+            raise ConfigError(f"cannot resume {self.folder.path} to {config.epochs} epochs: it has trained {done} already; pass --epochs above {done} to train more")
+        return config
 
     @property
     def epochs_done(self) -> int:
@@ -110,10 +144,16 @@ class Trainer:
         return min(1.0, (epoch + (step + 1) / len(self.train_batches)) / self.config.kl_anneal_epochs)
 
     def train_step(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor | None:
-        """One SVI step on the batch ``x``: returns ``-ELBO_beta`` (detached), or None when the loss or
-        gradient was not finite and the step was skipped, parameters and Adam state untouched."""
+        """One SVI step on the global batch ``x``: returns its ``-ELBO_beta`` (detached), or None when
+        the loss or gradient was not finite and the step was skipped, parameters and Adam untouched."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_and_grads(x, kl_weight)
+        start, stop, weight = self.parallel.shard(x.shape[0])
+        loss = self.step(x, kl_weight, rows=(start, stop))  # this process's rows; gradients in .grad
+        grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
+        if weight != 1:  # a process without rows of its own drew the batch's noise and adds nothing
+            loss = loss * weight
+            torch._foreach_mul_(grads, weight)
+        self.parallel.sum_in_place([loss, *grads])  # the global batch's loss and gradient on every process
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), float("inf"))
         if not torch.isfinite(loss + grad_norm):  # NaN or inf in either; one host sync a step
             return None
@@ -130,6 +170,9 @@ class Trainer:
         for step, (x, _) in enumerate(bar):
             weight = self.kl_weight(epoch, step)
             loss = self.train_step(x, weight)
+            if self.progress and not self.step_announced:
+                print(f"step: {self.step.describe()}", flush=True)
+                self.step_announced = True
             if loss is None:
                 skipped, self.bad_in_a_row = skipped + 1, self.bad_in_a_row + 1
                 if self.bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
@@ -142,7 +185,7 @@ class Trainer:
                 bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
         if count == 0:
             raise self.diverged(f"no training step of epoch {epoch + 1} gave a finite loss and gradient")
-        return {"train_elbo": -(total / count).item(), "skipped_steps": skipped, "kl_weight": weight}
+        return {"train_elbo": -(total / count).item(), "skipped_steps": skipped, "kl_weight": weight, "step": self.step.describe()}
 
     def diverged(self, what: str) -> NumericalError:
         last = f"the last good checkpoint is {self.folder.checkpoint_path}" if self.folder.checkpoint_path.exists() else "no checkpoint was written"
@@ -152,7 +195,7 @@ class Trainer:
             scale = ", or a fixed --normal-scale" if learned else f", or a larger --normal-scale (now {self.config.normal_scale:g})"
         return NumericalError(f"{what}: the optimization diverged; {last}. Try a lower --lr (now {self.config.lr:g}) or a larger --batch-size{scale}")
 
-    def run(self) -> list[dict[str, Any]]:
+    def fit(self) -> list[dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done (a resumed run starts after its last)."""
         try:
             for epoch in range(self.epochs_done, self.config.epochs):
@@ -167,7 +210,7 @@ class Trainer:
                 if self.progress:
                     print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image", flush=True)
             return self.metrics
-        except distributed.DistributedError as e:
+        except DistributedError as e:
             raise self.parallel.explain_failure(e, self.folder.checkpoint_path) from e
         finally:
             self.close()
@@ -198,10 +241,9 @@ class Trainer:
         self._held.close()
 
 
-def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, **kwargs) -> list[dict[str, Any]]:
+def train(config: TrainConfig | None, run_dir: str | Path, resume: bool = False, progress: bool = True, *, backend: str = "auto", dist_timeout: float | None = None, **kwargs) -> list[dict[str, Any]]:
     """Train (or resume) a run in ``run_dir``; returns the per-epoch metrics. ``kwargs`` go to
-    :class:`Trainer`. Under ``torchrun`` every rank calls this with the same arguments."""
-    try:
-        return Trainer(config, run_dir, resume=resume, progress=progress, **kwargs).run()
-    finally:
-        distributed.shutdown()
+    :class:`Trainer`. Under ``torchrun`` every rank calls this with the same arguments, and it joins
+    the job (``backend``, ``dist_timeout`` in seconds) for the duration."""
+    with distributed.job(backend, dist_timeout) as parallel, Trainer(config, run_dir, resume, progress, parallel=parallel, **kwargs) as trainer:
+        return trainer.fit()

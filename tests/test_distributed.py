@@ -2,12 +2,12 @@
 
 What is compared and how closely:
 
-* the ranks of a job: bitwise (DDP starts them from rank 0's parameters and gives every rank the
-  same summed gradient, so Adam makes the same update everywhere);
+* the ranks of a job: bitwise (they build the model from the same seed and every rank gets the
+  same summed gradient from one all-reduce, so Adam makes the same update everywhere);
 * a 1-rank process group against plain single-process training: bitwise (same data, same noise,
   same reductions: the distributed code path adds no arithmetic);
 * 2 ranks against a single process on the global batch: within float32 rounding. The data and the
-  latent noise are matched row for row (``GlobalBatchNoise``), so the only difference is the order
+  latent noise are matched row for row (``SuppliedNoise`` with ``rows``), so the only difference is the order
   of the sums: each gradient is the sum of two half-batch sums instead of one batch sum (relative
   difference ~1e-7), and it carries through Adam. Measured here after 28 steps: parameters differ
   by <= 4.2e-7, Adam's moments by <= 3e-7 of each tensor's largest entry, metrics by <= 1.2e-7
@@ -39,7 +39,8 @@ from pyro import poutine
 
 from pyro_vae import VAE, make_elbo
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.distributed import Distributed, DistributedError, GlobalBatchNoise, shutdown
+from pyro_vae.distributed import Distributed
+from pyro_vae.noise import SuppliedNoise, UnsuppliableNoise
 from pyro_vae import TrainConfig
 from pyro_vae.train import Trainer, train
 
@@ -63,24 +64,24 @@ from pyro_vae import TrainConfig
 from pyro_vae.train import Trainer
 
 config, run_dir, out, poison = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-trainer = Trainer(TrainConfig(**config), run_dir, progress=False)
-if trainer.parallel.rank in poison["ranks"]:  # a NaN in this rank's half of the batch, as an overflow would give
-    calls = {"n": 0}
-    def hook(module, inputs, output):
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] - 1 in poison["calls"] else output
-    trainer.vae.decoder.register_forward_hook(hook)
-if trainer.parallel.rank in poison.get("full_disk_ranks", []):  # the disk fills up as the second epoch is saved
-    save_state = trainer.folder.save_state
-    def save_or_fail(state):
-        if len(state["metrics"]) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        save_state(state)
-    trainer.folder.save_state = save_or_fail
-metrics = trainer.run()
-returned_ns = time.time_ns()
-state = {"model": trainer.vae.state_dict(), "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "returned_ns": returned_ns}
-torch.save(state, f"{out}/rank{trainer.parallel.rank}.pt")
+with distributed.job() as parallel, Trainer(TrainConfig(**config), run_dir, progress=False, parallel=parallel) as trainer:
+    if trainer.parallel.rank in poison["ranks"]:  # a NaN in this rank's half of the batch, as an overflow would give
+        calls = {"n": 0}
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] - 1 in poison["calls"] else output
+        trainer.vae.decoder.register_forward_hook(hook)
+    if trainer.parallel.rank in poison.get("full_disk_ranks", []):  # the disk fills up as the second epoch is saved
+        save_state = trainer.folder.save_state
+        def save_or_fail(state):
+            if len(state["metrics"]) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            save_state(state)
+        trainer.folder.save_state = save_or_fail
+    metrics = trainer.fit()
+    returned_ns = time.time_ns()
+    state = {"model": trainer.vae.state_dict(), "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "returned_ns": returned_ns}
+    torch.save(state, f"{out}/rank{trainer.parallel.rank}.pt")
 distributed.end_process(0)  # as a script under torchrun should end: see its docstring
 """
 
@@ -101,18 +102,18 @@ def two_ranks(*args: str) -> list[str]:
     return torchrun("--standalone", "--nproc_per_node=2", *args)
 
 
-def launch_driver(tmp: Path, data_dir: str, name: str, poison=None) -> tuple[Path, subprocess.CompletedProcess]:
+def launch_driver(tmp: Path, data_dir: str, name: str, poison=None, **changes) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp / name
     out.mkdir()
     (tmp / "driver.py").write_text(DRIVER)
     poison = poison or {"ranks": [], "calls": []}
-    config = {**CONFIG, "data_dir": data_dir}
+    config = {**CONFIG, "data_dir": data_dir, **changes}
     done = subprocess.run(two_ranks(str(tmp / "driver.py"), json.dumps(config), str(out / "run"), str(out), json.dumps(poison)), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     return out, done
 
 
-def run_driver(tmp: Path, data_dir: str, name: str, poison=None) -> Path:
-    out, done = launch_driver(tmp, data_dir, name, poison)
+def run_driver(tmp: Path, data_dir: str, name: str, poison=None, **changes) -> Path:
+    out, done = launch_driver(tmp, data_dir, name, poison, **changes)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -140,12 +141,12 @@ def poison_decoder(vae, bad_calls):
     vae.decoder.register_forward_hook(hook)
 
 
-def single_process(tmp_path, data_dir, poisoned_calls=()):
+def single_process(tmp_path, data_dir, poisoned_calls=(), **changes):
     """The same run in one process (this one), on the global batch."""
     torch.set_num_threads(1)
-    trainer = Trainer(TrainConfig(**{**CONFIG, "data_dir": data_dir}), tmp_path / "single", progress=False)
-    poison_decoder(trainer.vae, set(poisoned_calls))
-    metrics = trainer.run()
+    with Trainer(TrainConfig(**{**CONFIG, "data_dir": data_dir, **changes}), tmp_path / "single", progress=False) as trainer:
+        poison_decoder(trainer.vae, set(poisoned_calls))
+        metrics = trainer.fit()
     return metrics, load_checkpoint(tmp_path / "single" / "checkpoint.pt")
 
 
@@ -176,6 +177,9 @@ def assert_close_to_single_process(job: Path, single_metrics, single_state):
 def test_two_ranks_hold_identical_parameters_and_match_one_process_on_the_global_batch(tmp_path, data_dir, straight):
     single_metrics, single_state = single_process(tmp_path, data_dir)
     assert_close_to_single_process(straight, single_metrics, single_state)
+    # the step asked for (TrainConfig's default, traced) is the step that ran on both ranks
+    for r in (0, 1):
+        assert {m["step"] for m in torch.load(straight / f"rank{r}.pt", weights_only=True)["metrics"]} == {"traced"}
     # rank 0 alone wrote the run folder, with everything a single-process run leaves
     files = {p.name for p in (straight / "run").iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "elbo.png", "reconstructions.png", "samples.png"} <= files
@@ -199,9 +203,10 @@ def test_a_save_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path, 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, data_dir):
     # NaN in rank 1's half of steps 2 and 5: the global loss is NaN, so both ranks skip, exactly
-    # where a single process fed the whole (poisoned) batch skips
-    job = run_driver(tmp_path, data_dir, "job", poison={"ranks": [1], "calls": [2, 5]})
-    single_metrics, single_state = single_process(tmp_path, data_dir, poisoned_calls=(2, 5))
+    # where a single process fed the whole (poisoned) batch skips; the eager step, as a forward
+    # hook runs on every call there (a traced graph runs the hook once, when it is traced)
+    job = run_driver(tmp_path, data_dir, "job", poison={"ranks": [1], "calls": [2, 5]}, step="eager")
+    single_metrics, single_state = single_process(tmp_path, data_dir, poisoned_calls=(2, 5), step="eager")
     assert [m["skipped_steps"] for m in single_metrics] == [2, 0, 0, 0]
     assert_close_to_single_process(job, single_metrics, single_state)
 
@@ -326,7 +331,7 @@ def test_shards_cover_each_batch_once_and_empty_shards_borrow_a_row_with_weight_
 
 
 @pytest.mark.parametrize("particles", [1, 3])
-def test_global_batch_noise_gives_each_shard_the_draws_of_the_whole_batch(particles):
+def test_supplied_noise_gives_each_shard_the_draws_of_the_whole_batch(particles):
     # an elementwise guide, so that z = loc + eps * scale compares bit for bit (an encoder's matmul
     # may round a 3-row batch differently from a 7-row one)
     x = torch.randn(7, 2)
@@ -337,7 +342,7 @@ def test_global_batch_noise_gives_each_shard_the_draws_of_the_whole_batch(partic
 
     def z(rows=None):
         plate = pyro.plate("num_particles_vectorized", particles, dim=-2) if particles > 1 else contextlib.nullcontext()
-        handler = GlobalBatchNoise(*rows, 7) if rows else contextlib.nullcontext()
+        handler = SuppliedNoise(rows=(*rows, 7)) if rows else contextlib.nullcontext()
         with handler, plate:  # as under the ELBO: the noise handler outside every plate
             return poutine.trace(guide).get_trace(x[rows[0] : rows[1]] if rows else x).nodes["z"]["value"]
 
@@ -351,12 +356,12 @@ def test_global_batch_noise_gives_each_shard_the_draws_of_the_whole_batch(partic
         assert torch.equal(torch.get_rng_state(), after_whole)  # the RNG advanced as for the whole batch
 
 
-def test_global_batch_noise_refuses_sites_it_cannot_match():
+def test_supplied_noise_for_rows_refuses_sites_it_cannot_match():
     def guide(x):
         with pyro.plate("data", x.shape[0], dim=-1):
             pyro.sample("c", dist.Bernoulli(0.5 * torch.ones_like(x[:, 0])))
 
-    with pytest.raises(DistributedError, match="'c'.*cannot match"), GlobalBatchNoise(0, 2, 4):
+    with pytest.raises(UnsuppliableNoise, match="'c'.*cannot be supplied"), SuppliedNoise(rows=(0, 2, 4)):
         guide(torch.zeros(2, 3))
 
 
@@ -366,10 +371,7 @@ def test_a_one_rank_process_group_trains_bit_for_bit_like_a_single_process(tmp_p
     single = train(TrainConfig(**config), tmp_path / "single", progress=False)
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
-    try:
-        group = train(TrainConfig(**config), tmp_path / "group", progress=False)  # DDP, noise handler, sum hook
-    finally:
-        shutdown()
+    group = train(TrainConfig(**config), tmp_path / "group", progress=False)  # a process group, its collectives
     assert group == single
     a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("single", "group"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -385,6 +387,6 @@ def test_the_elbo_of_shards_sums_to_the_elbo_of_the_batch():
     parts = []
     for a, b in [(0, 2), (2, 5)]:
         torch.manual_seed(2)
-        with GlobalBatchNoise(a, b, 5):
+        with SuppliedNoise(rows=(a, b, 5)):
             parts.append(elbo.differentiable_loss(vae.model, vae.guide, x[a:b]))
     torch.testing.assert_close(sum(parts), whole, rtol=1e-6, atol=0)

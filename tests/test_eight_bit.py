@@ -108,7 +108,7 @@ MEASURE_STEP = """
 import resource, sys, torch
 torch.set_num_threads(1)
 from pyro_vae import VAE, make_elbo
-from pyro_vae.run import step_memory_bytes
+from pyro_vae.memory import step_memory_bytes
 likelihood, components, particles, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 vae = VAE(likelihood=likelihood, mixture_components=components, hidden=(16,), z_dim=2)
 x = torch.randint(0, 256, (batch, 784), generator=torch.Generator().manual_seed(0)).float() / 255

@@ -1,8 +1,8 @@
 """The traced/compiled training step (issue 15) against the eager Pyro ELBO it is derived from.
 
 Equalities are checked in float64 with rtol 1e-6 under the same draws: the same seed before the
-eager ``elbo_loss(...).backward()`` and before ``CompiledStep.loss_and_grads``. The grid runs the
-traced graph (``compile="traced"``, no compile time); the inductor-compiled graph is checked in a
+eager ``elbo_loss(...).backward()`` and before ``CompiledStep``. The grid runs the
+traced graph (``mode="traced"``, no compile time); the inductor-compiled graph is checked in a
 few cases marked slow (a cold inductor compile takes tens of seconds on a small CPU).
 """
 
@@ -17,11 +17,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.compiled import CompiledStep, FallbackWarning
+from pyro_vae.step import FallbackWarning, TrainingStep
 from pyro_vae.errors import DataError
 from pyro_vae.estimators import make_elbo
 from pyro_vae.model import VAE
-from pyro_vae.objective import elbo_loss
+from pyro_vae.kl_weight import elbo_loss
 
 from .conftest import binary_batch, continuous_batch
 
@@ -68,7 +68,7 @@ def eager_loss_and_grads(vae, estimator, particles, x, kl_weight, seed=5, elbo=N
 def graph_loss_and_grads(step, x, kl_weight, seed=5):
     step.vae.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = step.loss_and_grads(x, kl_weight)
+    loss = step(x, kl_weight)
     grads = [None if p.grad is None else p.grad.clone() for p in step.vae.parameters()]
     step.vae.zero_grad(set_to_none=True)
     return loss, grads, torch.get_rng_state()
@@ -109,7 +109,7 @@ def test_traced_step_equals_eager_pyro_elbo(architecture, estimator, likelihood,
     vae = make_vae(architecture, name, scale)
     x = make_batch(vae, name)
     eager = eager_loss_and_grads(vae, estimator, particles, x, KL_WEIGHT)
-    step = CompiledStep(vae, estimator, particles, compile="traced")
+    step = TrainingStep(vae, estimator, particles, mode="traced")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         graph = graph_loss_and_grads(step, x, KL_WEIGHT)
@@ -125,7 +125,7 @@ def test_unvectorized_particles_draw_in_the_same_order():
     vae = make_vae()
     x = make_batch(vae)
     elbo = make_elbo("trace", 3, vectorize_particles=False)
-    step = CompiledStep(vae, elbo=make_elbo("trace", 3, vectorize_particles=False), compile="traced")
+    step = TrainingStep(vae, elbo=make_elbo("trace", 3, vectorize_particles=False), mode="traced")
     assert_same(eager_loss_and_grads(vae, "trace", 3, x, KL_WEIGHT, elbo=elbo), graph_loss_and_grads(step, x, KL_WEIGHT))
     assert len(next(iter(step.graphs.values())).noise) == 3
 
@@ -135,7 +135,7 @@ def test_noise_is_drawn_with_the_eager_call_and_shape():
     vae = make_vae()
     x = make_batch(vae)
     for particles, shape in ((1, (4, 2)), (4, (4, 4, 2))):
-        step = CompiledStep(vae, "meanfield", particles, compile="traced")
+        step = TrainingStep(vae, "meanfield", particles, mode="traced")
         graph_loss_and_grads(step, x, 1.0)
         (spec,) = next(iter(step.graphs.values())).noise
         assert spec.shape == shape and spec.dtype == torch.float64
@@ -181,8 +181,8 @@ def test_training_matches_eager_and_resume_is_bit_exact():
     torch.manual_seed(7)
     losses_e, _ = trainer_steps(vae_e, eager(vae_e), batches)
     torch.manual_seed(7)
-    step = CompiledStep(vae_c, "meanfield", 2, compile="traced")
-    losses_c, _ = trainer_steps(vae_c, lambda x: step.loss_and_grads(x, KL_WEIGHT), batches)
+    step = TrainingStep(vae_c, "meanfield", 2, mode="traced")
+    losses_c, _ = trainer_steps(vae_c, lambda x: step(x, KL_WEIGHT), batches)
     torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-6, atol=0)
     for a, b in zip(vae_c.parameters(), vae_e.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
@@ -190,14 +190,14 @@ def test_training_matches_eager_and_resume_is_bit_exact():
     # resume: 4 steps, save model + optimizer + RNG, 4 more; vs a fresh process-like restart
     full = make_vae(seed=2)
     torch.manual_seed(7)
-    full_step = CompiledStep(full, "meanfield", 2, compile="traced")
-    _, optimizer = trainer_steps(full, lambda x: full_step.loss_and_grads(x, KL_WEIGHT), batches[:4])
+    full_step = TrainingStep(full, "meanfield", 2, mode="traced")
+    _, optimizer = trainer_steps(full, lambda x: full_step(x, KL_WEIGHT), batches[:4])
     saved = copy.deepcopy(full.state_dict()), copy.deepcopy(optimizer.state_dict()), torch.get_rng_state()
     # continue with the same optimizer object
     opt_losses = []
     for x in batches[4:]:
         optimizer.zero_grad(set_to_none=True)
-        opt_losses.append(full_step.loss_and_grads(x, KL_WEIGHT).item())
+        opt_losses.append(full_step(x, KL_WEIGHT).item())
         optimizer.step()
     pyro.clear_param_store()
     resumed = make_vae(seed=99)
@@ -205,11 +205,11 @@ def test_training_matches_eager_and_resume_is_bit_exact():
     resumed_opt = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     resumed_opt.load_state_dict(saved[1])
     torch.set_rng_state(saved[2])
-    resumed_step = CompiledStep(resumed, "meanfield", 2, compile="traced")
+    resumed_step = TrainingStep(resumed, "meanfield", 2, mode="traced")
     resumed_losses = []
     for x in batches[4:]:
         resumed_opt.zero_grad(set_to_none=True)
-        resumed_losses.append(resumed_step.loss_and_grads(x, KL_WEIGHT).item())
+        resumed_losses.append(resumed_step(x, KL_WEIGHT).item())
         resumed_opt.step()
     assert resumed_losses == opt_losses
     for a, b in zip(resumed.parameters(), full.parameters()):
@@ -218,7 +218,7 @@ def test_training_matches_eager_and_resume_is_bit_exact():
 
 def test_new_batch_shape_gets_its_own_graph():
     vae = make_vae()
-    step = CompiledStep(vae, "iwae", 2, compile="traced")
+    step = TrainingStep(vae, "iwae", 2, mode="traced")
     for n in (4, 7, 4):
         x = make_batch(vae, n=n, seed=n)
         assert_same(eager_loss_and_grads(vae, "iwae", 2, x, KL_WEIGHT), graph_loss_and_grads(step, x, KL_WEIGHT))
@@ -229,20 +229,20 @@ def test_gradients_accumulate_into_existing_grad():
     vae = make_vae()
     x = make_batch(vae)
     _, grads, _ = eager_loss_and_grads(vae, "meanfield", 1, x, 1.0)
-    step = CompiledStep(vae, "meanfield", 1, compile="traced")
+    step = TrainingStep(vae, "meanfield", 1, mode="traced")
     for p in vae.parameters():
         p.grad = torch.ones_like(p)
     torch.manual_seed(5)
-    step.loss_and_grads(x)
+    step(x)
     for p, g in zip(vae.parameters(), grads):
         torch.testing.assert_close(p.grad, g + 1, rtol=1e-6, atol=0)
 
 
 def test_dtype_change_retraces():
     vae = make_vae()
-    step = CompiledStep(vae, "trace", 1, compile="traced")
+    step = TrainingStep(vae, "trace", 1, mode="traced")
     x = make_batch(vae)
-    step.loss_and_grads(x)
+    step(x)
     vae.float()
     assert_same(eager_loss_and_grads(vae, "trace", 1, x.float(), 1.0), graph_loss_and_grads(step, x.float(), 1.0), rtol=1e-5)
     assert len(step.graphs) == 2
@@ -269,32 +269,14 @@ class GrowingVAE(VAE):
 
 def test_model_that_changes_between_calls_falls_back_and_trains():
     vae = make_vae(cls=GrowingVAE)  # changes on its 2nd call: recording and traced runs differ
-    step = CompiledStep(vae, "meanfield", 1, compile="traced")
+    step = TrainingStep(vae, "meanfield", 1, mode="traced")
     batches = [make_batch(vae, seed=s) for s in range(40)]
     with pytest.warns(FallbackWarning, match="different sites"):
-        losses, _ = trainer_steps(vae, step.loss_and_grads, batches, lr=3e-2)
+        losses, _ = trainer_steps(vae, step, batches, lr=3e-2)
     assert step.fallback is not None and "different sites" in step.fallback
     assert len(step.fallbacks) == 1
     assert sum(losses[-5:]) < sum(losses[:5])
     assert vae.extra.item() < 3.0  # the extra site's parameter trained too (eagerly)
-
-
-def test_audit_retraces_a_model_that_changed_later():
-    vae = make_vae(cls=GrowingVAE)
-    vae.grow_at = 4  # stable while recording and tracing (model calls 1-2), grows at call 4
-    step = CompiledStep(vae, "meanfield", 1, compile="traced", audit_every=2)
-    x = make_batch(vae)
-    for _ in range(3):
-        step.loss_and_grads(x)  # model calls 1 and 2 trace; graph calls 1, 2, then an audit (call 3), graph call 3
-    assert vae.model_calls == 3
-    step.loss_and_grads(x)  # graph call 4
-    with pytest.warns(FallbackWarning, match="sites changed"):
-        step.loss_and_grads(x)  # audit (model call 4): grown, so re-traced
-    # re-traced with the extra site: the graph now matches the grown eager model, extra's gradient included
-    assert step.fallback is None and [g.mode for g in step.graphs.values()] == ["traced"]
-    eager = eager_loss_and_grads(vae, "meanfield", 1, x, KL_WEIGHT)
-    assert eager[1][0] is not None  # extra, the first parameter
-    assert_same(eager, graph_loss_and_grads(step, x, KL_WEIGHT))
 
 
 class DataDependentVAE(VAE):
@@ -329,7 +311,7 @@ def test_untraceable_programs_fall_back_to_the_eager_elbo(cls, reason):
     vae = make_vae(cls=cls)
     x = make_batch(vae)
     eager = eager_loss_and_grads(vae, "trace", 1, x, KL_WEIGHT)
-    step = CompiledStep(vae, "trace", 1, compile="inductor")
+    step = TrainingStep(vae, "trace", 1, mode="inductor")
     with pytest.warns(FallbackWarning, match="eager Pyro ELBO") as record:
         graph = graph_loss_and_grads(step, x, KL_WEIGHT)
     assert len(record) == 1
@@ -343,16 +325,16 @@ def test_untraceable_programs_fall_back_to_the_eager_elbo(cls, reason):
 
 def test_bad_data_raises_the_eager_error_and_caches_nothing():
     vae = make_vae()
-    step = CompiledStep(vae, "meanfield", 1, compile="traced")
+    step = TrainingStep(vae, "meanfield", 1, mode="traced")
     with pytest.raises(DataError, match="shape"):
-        step.loss_and_grads(torch.zeros(4, 5, dtype=torch.float64))
+        step(torch.zeros(4, 5, dtype=torch.float64))
     assert not step.graphs
 
 
 def test_eager_mode_is_the_plain_elbo():
     vae = make_vae()
     x = make_batch(vae)
-    step = CompiledStep(vae, "iwae", 3, compile="eager")
+    step = TrainingStep(vae, "iwae", 3, mode="eager")
     assert_same(eager_loss_and_grads(vae, "iwae", 3, x, KL_WEIGHT), graph_loss_and_grads(step, x, KL_WEIGHT))
     assert not step.graphs
 
@@ -362,12 +344,12 @@ def test_eager_mode_is_the_plain_elbo():
 def test_inductor_compiled_step_equals_eager(architecture, estimator, particles):
     vae = make_vae(architecture, "normal", "pixel")
     x = make_batch(vae, "normal")
-    step = CompiledStep(vae, estimator, particles, compile="inductor")
+    step = TrainingStep(vae, estimator, particles, mode="inductor")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         graph = graph_loss_and_grads(step, x, KL_WEIGHT)
     (built,) = step.graphs.values()
-    assert built.mode == "inductor" and built.compile_seconds > 0
+    assert built.mode == "inductor" and built.seconds > 0
     # inductor may reorder float64 sums: elementwise 1e-6 with a floor far below the gradients' scale
     assert_same(eager_loss_and_grads(vae, estimator, particles, x, KL_WEIGHT), graph, rtol=1e-6, atol=1e-9)
     assert_same(eager_loss_and_grads(vae, estimator, particles, x, 2.0, seed=8), graph_loss_and_grads(step, x, 2.0, seed=8), rtol=1e-6, atol=1e-9)

@@ -1,0 +1,50 @@
+"""How much memory a step needs, estimated before anything large is allocated, and refused with
+the options that lower it when the device does not have it."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .errors import ConfigError
+from .model import VAE
+
+
+def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True) -> int:
+    """A rough estimate of the memory one step over ``particles`` x ``batch`` draws of z needs: every
+    decoder activation (counted on one draw) and the per-pixel numbers that scoring x keeps for each
+    draw (``Likelihood.log_prob_numbers``), 4 bytes a number, times 3 with gradients (saved
+    activations, gradients, temporaries) or 2 without."""
+    counted = []
+    hooks = [m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0)) for m in vae.decoder.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            vae.decoder(vae.prior_loc.new_zeros(1, vae.z_dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
+    return particles * batch * per_draw * 4 * (3 if training else 2)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a step may use: the GPU's free memory, else the machine's physical memory; None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0) -> None:
+    """:class:`ConfigError` naming ``options`` if a step (:func:`step_memory_bytes`, plus
+    ``extra_bytes``) would need more memory than ``device`` has, before anything is allocated."""
+    need = step_memory_bytes(vae, particles, batch, training) + extra_bytes
+    have = available_memory(torch.device(device))
+    if have is not None and need > have:
+        where = "free GPU memory" if torch.device(device).type == "cuda" else "memory"
+        what = f"{particles} particles x {batch} images a step" + (f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else "")
+        raise ConfigError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on {device}; lower {options}")
