@@ -41,7 +41,14 @@ def worker(args: argparse.Namespace) -> None:
     from pyro_vae.train import Trainer
 
     config = TrainConfig(batch_size=args.batch_size, max_train=args.batch_size * (args.warmup + args.steps * args.windows), max_test=args.batch_size, device=args.device, data_dir=args.data_dir)
-    trainer = Trainer(config, args.run_dir, progress=False)
+    with distributed.job() as parallel, Trainer(config, args.run_dir, progress=False, parallel=parallel) as trainer:
+        _time_steps(trainer, args)
+
+
+def _time_steps(trainer, args: argparse.Namespace) -> None:
+    """Windows of ``args.steps`` steps, every rank starting and ending each window together."""
+    import torch
+
     d = trainer.parallel if trainer.parallel.world_size > 1 else None
     sync = (lambda: torch.cuda.synchronize(trainer.device)) if trainer.device.type == "cuda" else (lambda: None)
     batches = trainer.train_batches.epoch(0)  # global batches, as every rank iterates them
@@ -61,7 +68,6 @@ def worker(args: argparse.Namespace) -> None:
         rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
     if d is None or d.is_main:
         print("RESULT " + json.dumps({"world_size": 1 if d is None else d.world_size, "threads": torch.get_num_threads(), "rates": rates, "device": str(trainer.device)}), flush=True)
-    distributed.shutdown()
 
 
 def launch(nproc: int, threads: int, args: argparse.Namespace) -> dict:

@@ -107,7 +107,7 @@ def time_training(models: dict[str, dict], args) -> None:
         config = TrainConfig(epochs=args.epochs, max_test=args.test_images, device=args.device, data_dir=args.data_dir, **options)
         trainer = Trainer(config, args.time_training / folder_name(name), progress=False)
         start = time.perf_counter()
-        trainer.run()
+        trainer.fit()
         seconds = time.perf_counter() - start
         first = first or seconds
         test_elbo, row = trainer.metrics[-1]["test_elbo"], recorded.get(name)
@@ -161,7 +161,7 @@ def main(argv=None):
         run_dir = args.results.parent / args.suite / folder_name(name) / f"{config.estimator}-K{config.num_particles}-{config.likelihood}"
         trainer = Trainer(config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=False)
         epochs_before, start = trainer.epochs_done, time.perf_counter()
-        trainer.run()
+        trainer.fit()
         # the training time is reported only when this call trained every epoch
         train_seconds = round(time.perf_counter() - start) if epochs_before == 0 else None
         start = time.perf_counter()

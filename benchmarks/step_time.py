@@ -16,9 +16,9 @@ conv``; Bernoulli likelihood; dynamically binarized Fashion-MNIST batches):
 * ``pyro-vae``: what the trainer's step does: ``elbo_loss(TraceMeanField_ELBO, vae.model,
   vae.guide, x)`` with Pyro's validation off, ``backward()``, the gradient norm
   (``clip_grad_norm_(params, inf)``), the finite check (one host sync) and Adam.
-* ``pyro-vae compiled``: that step with ``CompiledStep(vae, "meanfield", K).loss_and_grads(x)``
+* ``pyro-vae compiled``: that step with ``TrainingStep(vae, "meanfield", K, mode="inductor")(x)``
   (the Pyro ELBO traced into a graph once, compiled by inductor) in place of loss and backward.
-* ``pyro-vae traced``: the same traced graph, not compiled (``compile="traced"``).
+* ``pyro-vae traced``: the same traced graph, not compiled (``mode="traced"``).
 * ``pyro SVI`` (``--svi``): ``pyro.infer.SVI.step`` with ``pyro.optim.Adam``, for reference.
 
 All candidates of one configuration run in interleaved rounds in one process; the table gives
@@ -41,11 +41,10 @@ from timing import (
     median_ratio,
 )
 
-from pyro_vae.compiled import CompiledStep
+from pyro_vae.step import TrainingStep
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.estimators import make_elbo
 from pyro_vae.model import VAE
-from pyro_vae.kl_weight import elbo_loss
 from pyro_vae.reference import reference_elbo
 
 LR = 1e-3
@@ -117,15 +116,9 @@ def candidates(args, images, labels, batch_size: int, particles: int, device: to
     compiled_vae = copy("torch_compiled")
     fns["torch compiled"] = hand_written(compiled_vae, torch.compile(lambda x: -reference_elbo(compiled_vae, x, particles).sum()))
 
-    eager_vae = copy("eager")
-    elbo = make_elbo("meanfield", particles)
-    eager = trainer_step(eager_vae, lambda x: _eager_loss_and_grads(elbo, eager_vae, x))
-    fns["pyro-vae"] = lambda: eager(next_batch())
-
-    for label, mode in (("pyro-vae compiled", "inductor"), ("pyro-vae traced", "traced")):
+    for label, mode in (("pyro-vae", "eager"), ("pyro-vae compiled", "inductor"), ("pyro-vae traced", "traced")):
         vae = copy(label.replace(" ", "_").replace("-", "_"))
-        compiled_step = CompiledStep(vae, "meanfield", particles, compile=mode)
-        fns[label] = _on_batches(trainer_step(vae, compiled_step.loss_and_grads), next_batch)
+        fns[label] = _on_batches(trainer_step(vae, TrainingStep(vae, "meanfield", particles, mode=mode)), next_batch)
 
     if args.svi:
         svi_vae = copy("svi")
@@ -149,12 +142,6 @@ def _on_batches(step, next_batch):
 
 
 def _backward(loss):
-    loss.backward()
-    return loss.detach()
-
-
-def _eager_loss_and_grads(elbo, vae, x):
-    loss = elbo_loss(elbo, vae.model, vae.guide, x)
     loss.backward()
     return loss.detach()
 

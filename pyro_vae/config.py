@@ -75,7 +75,7 @@ class TrainConfig:
             raise ConfigError(f"kl_anneal_epochs must be a finite number >= 0, got {self.kl_anneal_epochs}")
         for name, value, choices in (("step mode", self.step, STEP_MODES), ("estimator", self.estimator, TRAIN_ESTIMATORS), ("architecture", self.architecture, ARCHITECTURES)):
             if value not in choices:
-                raise ConfigError(f"unknown {name} {value!r} for training; choose one of {', '.join(choices)}")
+                raise ConfigError(f"the {name} {value!r} cannot train here; choose one of {', '.join(choices)}")
         check_binarization(self.likelihood, self.binarize)
 
     def check_options_given(self, given) -> None:

@@ -115,8 +115,11 @@ def _group(data: dict[str, np.ndarray], dims: Sequence[str], coords: dict[str, A
 
 
 def training_group(training_metrics: Sequence[dict[str, Any]]):
-    """The per-epoch trace as a Dataset indexed by ``epoch``; a metric missing or null in a row is NaN."""
-    names = [name for name in dict.fromkeys(key for row in training_metrics for key in row) if name != "epoch"]
+    """The per-epoch numbers as a Dataset indexed by ``epoch``; a metric missing or null in a row is
+    NaN (text, such as the step that ran, stays in ``metrics.jsonl``)."""
+    numeric = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    keys = dict.fromkeys(key for row in training_metrics for key in row)
+    names = [name for name in keys if name != "epoch" and all(numeric(row.get(name)) for row in training_metrics)]
     data = {name: np.array([np.nan if row.get(name) is None else row[name] for row in training_metrics], dtype=np.float64) for name in names}
     return _group(data, ["epoch"], {"epoch": np.array([row["epoch"] for row in training_metrics])}, sampled=False)
 

@@ -73,8 +73,8 @@ class Trainer:
                 self._setup(config, resume, changes or {}, progress, allow_different_data)
             if self.parallel.is_main and not resume:  # a resumed run's config.json changes with its first new checkpoint
                 self.folder.write_config(self.config)
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self._held.__exit__(type(e), e, e.__traceback__)  # the lock's cleanup sees the failure: a folder made for nothing goes
             raise
 
     def __enter__(self) -> "Trainer":

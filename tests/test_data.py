@@ -14,8 +14,7 @@ from pyro_vae.data import (
     read_idx,
 )
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.likelihoods import likelihood_class
-from pyro_vae.names import BINARIZATIONS
+from pyro_vae.names import BINARIZATIONS, LIKELIHOODS, check_binarization, default_binarization
 
 from .idx_files import N_TEST, N_TRAIN, fake_arrays, write_dataset, write_idx
 
@@ -355,21 +354,22 @@ def test_rejects_bad_inputs():
 # --- likelihood / binarization pairing -------------------------------------------------------
 
 
-def test_each_likelihood_owns_its_default_binarization():
-    assert likelihood_class("bernoulli").default_binarization == "dynamic"
-    assert likelihood_class("continuous_bernoulli").default_binarization == "none"
-    assert likelihood_class("normal").default_binarization == "none"
+def test_each_likelihood_has_its_default_binarization():
+    assert default_binarization("bernoulli") == "dynamic"
+    assert default_binarization("continuous_bernoulli") == "none"
+    assert default_binarization("normal") == "none"
+    assert all(default_binarization(name) == "none" for name in LIKELIHOODS if name.startswith("discretized"))
 
 
 def test_the_bernoulli_likelihood_refuses_continuous_pixels():
     with pytest.raises(DataError) as info:
-        likelihood_class("bernoulli").check_binarization("none")
+        check_binarization("bernoulli", "none")
     message = str(info.value)
     assert "--binarize" in message and "continuous_bernoulli" in message and "normal" in message
     for binarization in ("threshold", "static", "dynamic"):
-        likelihood_class("bernoulli").check_binarization(binarization)
+        check_binarization("bernoulli", binarization)
     with pytest.raises(DataError):
-        likelihood_class("bernoulli").check_binarization("dequantize")
+        check_binarization("bernoulli", "dequantize")
     for binarization in BINARIZATIONS:
-        likelihood_class("normal").check_binarization(binarization)
-        likelihood_class("continuous_bernoulli").check_binarization(binarization)
+        check_binarization("normal", binarization)
+        check_binarization("continuous_bernoulli", binarization)

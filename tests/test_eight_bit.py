@@ -35,7 +35,7 @@ def test_training_a_discretized_likelihood_improves_its_test_log_probability_on_
         return log_marginal_likelihood(trainer.vae.model, trainer.vae.guide, x, num_samples=50, warn=False)
 
     before = log_p()
-    trainer.run()
+    trainer.fit()
     after = log_p()
     gain = (after.log_px - before.log_px).mean().item()
     se = (after.log_px - before.log_px).std().item() / math.sqrt(x.shape[0])

@@ -30,6 +30,7 @@ from pyro_vae.cli import main
 from pyro_vae.data import IDX_STEMS, SYSTEM_DATA_DIRS, read_idx
 from pyro_vae.diagnostics import to_inference_data
 from pyro_vae.run import RunFolder
+from pyro_vae.train import Trainer
 
 from .idx_files import write_dataset
 
@@ -246,9 +247,10 @@ def test_evaluate_and_compare_beyond_memory_are_refused_naming_the_option(folder
     folder.assert_unchanged()
 
 
-def test_library_refuses_a_step_beyond_memory():
+def test_library_refuses_a_step_beyond_memory(tmp_path):
     with pytest.raises(ConfigError, match="--num-particles"):
-        TrainConfig(dataset="mnist", num_particles=10**7, batch_size=128, device="cpu").validate()
+        Trainer(TrainConfig(dataset="mnist", num_particles=10**7, batch_size=128, device="cpu"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -450,9 +452,9 @@ DAMAGES = {
     "optimizer moments of the wrong shape": (_adam_wrong_shape, "exp_avg has shape (3,)"),
     "config not a mapping": (lambda s: _set(s, "config", [1]), "'config' missing or not a dict"),
     "config from a newer version": (lambda s: _config(s, future_setting=1), "does not know (future_setting); it was written by a newer version"),
-    "config z_dim not a number": (lambda s: _config(s, z_dim="two"), "z_dim must be an integer, got 'two'"),
-    "config negative hidden width": (lambda s: _config(s, hidden=[-1]), "hidden layer widths must be positive integers"),
-    "config negative seed": (lambda s: _config(s, seed=-5), "seed must be between 0 and 2**63 - 1"),
+    "config z_dim not a number": (lambda s: _config(s, z_dim="two"), "z_dim must be an integer >= 1, got 'two'"),
+    "config negative hidden width": (lambda s: _config(s, hidden=[-1]), "a hidden layer width must be an integer >= 1, got -1"),
+    "config negative seed": (lambda s: _config(s, seed=-5), "seed must be an integer from 0 to 9223372036854775807, got -5"),
     "config batch size a string": (lambda s: _config(s, batch_size="32"), "batch_size must be an integer"),
     "config unknown likelihood": (lambda s: _config(s, likelihood="poisson"), "unknown likelihood 'poisson'"),
     "config unknown binarization": (lambda s: _config(s, binarize="sometimes"), "unknown binarization 'sometimes'"),
@@ -833,7 +835,7 @@ LIBRARY = {
     "num_samples True": (lambda: log_marginal_likelihood(*_pair(), num_samples=True), ConfigError, "num_samples must be an integer"),
     "num_samples 0": (lambda: log_marginal_likelihood(*_pair(), num_samples=0), ConfigError, "num_samples must be an integer"),
     "chunk_size 0": (lambda: log_marginal_likelihood(*_pair(), num_samples=4, chunk_size=0), ConfigError, "chunk_size must be an integer"),
-    "TrainConfig z_dim 0": (lambda: TrainConfig(dataset="mnist", z_dim=0).validate(), ConfigError, "z_dim must be at least 1"),
+    "TrainConfig z_dim 0": (lambda: TrainConfig(dataset="mnist", z_dim=0).validate(), ConfigError, "z_dim must be an integer >= 1"),
     "TrainConfig lr nan": (lambda: TrainConfig(dataset="mnist", lr=math.nan).validate(), ConfigError, "learning rate"),
     "TrainConfig data_dir ''": (lambda: TrainConfig(dataset="mnist", data_dir=" "), DataError, "--data-dir is empty"),
     "export of no datapoints": (lambda: to_inference_data(small_vae(), torch.zeros(0, 6)), DataError, "empty batch"),

@@ -50,7 +50,7 @@ def test_log_px_is_that_of_the_model_whatever_weight_surrounds_it():
 def test_the_logged_test_elbo_during_annealing_is_the_elbo_of_the_saved_model(tmp_path, data_dir):
     config = TrainConfig(**TINY, data_dir=data_dir, epochs=1, kl_anneal_epochs=4)
     trainer = Trainer(config, tmp_path / "run", progress=False)
-    metrics = trainer.run()
+    metrics = trainer.fit()
     assert metrics[-1]["kl_weight"] == pytest.approx(0.25)  # training ended mid-anneal
     run = load_run(tmp_path / "run", "cpu")
     fresh = mean_elbo(run.vae, run.test_split().eval_batches(), config.seed)
@@ -103,7 +103,7 @@ def test_two_vaes_each_train_with_plain_svi_and_no_clear_param_store():
 
 def test_the_trainer_leaves_the_users_param_store_alone(tmp_path, data_dir):
     pyro.param("users_own", torch.tensor(3.0))
-    Trainer(TrainConfig(**TINY, data_dir=data_dir, epochs=1), tmp_path / "run", progress=False).run()
+    Trainer(TrainConfig(**TINY, data_dir=data_dir, epochs=1), tmp_path / "run", progress=False).fit()
     assert pyro.param("users_own").item() == 3.0
 
 
