@@ -15,14 +15,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from .config import TrainConfig
-from .checks import check_count
 from .errors import ConfigError, DataError, DistributedError, NumericalError
 from .launcher import launched, rank_label
 from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES, STEP_MODES, TRAIN_ESTIMATORS
@@ -152,7 +150,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from .diagnostics import save_inference_data, to_inference_data
+    from .diagnostics import K_GOOD, K_OK
+    from .inference_data import save_inference_data, to_inference_data
     from .evaluate import evaluate_model
     from .run import load_run, strict_json
 
@@ -175,7 +174,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(f"test log p(x)        {ll.mean():.2f} +- {ll.mean_standard_error():.2f} nats/image, K={ll.num_samples}{bits}{kind}")
     if result.dequantized is not None:
         print(f"dequantized bound    log P(x) >= {summary['dequantized_log_likelihood']:.2f} +- {summary['dequantized_log_likelihood_se']:.2f} nats/image ({summary['dequantized_bits_per_dim']:.4f} bits/dim on 8-bit pixels)")
-    print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
+    print(f"PSIS k-hat           {pk['good']} good (<={K_GOOD}), {pk['ok']} ok (<={K_OK}), {pk['bad']} bad (>{K_OK}: log p(x) unreliable there)")
     if ll.warning():
         print(f"warning: {ll.warning()}")
     print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")

@@ -33,6 +33,12 @@ from .names import ESTIMATORS
 
 
 
+def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log((1/K) sum_k exp(log_w_k))`` over ``dim`` (of size K): the importance-weighted estimate of
+    ``log p(x)`` from K log-weights (Burda et al. 2015, eq. 8), computed stably."""
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+
+
 def make_elbo(name: str = "meanfield", num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: int = 1) -> ELBO:
     """An ELBO estimator with ``num_particles`` samples per datapoint, vectorized by default."""
     if num_particles < 1:
@@ -102,7 +108,7 @@ class DataPlateIWELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         log_w, data_scale = self.log_weights(model, guide, *args, **kwargs)
-        bound = torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+        bound = log_mean_exp(log_w)
         return -data_scale * bound.sum()
 
     def loss(self, model, guide, *args, **kwargs) -> float:

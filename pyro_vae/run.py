@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint, write_atomic
+from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
 from .data import DeviceBatches, ImageDataset, load_dataset
 from .errors import ConfigError, DataError

@@ -36,7 +36,7 @@ from .estimators import make_elbo
 from .evaluate import mean_elbo
 from .launcher import launched
 from .memory import check_step_memory
-from .model import VAE, build_vae
+from .model import build_vae
 from .run import RunFolder, check_same_data, data_identity, split_batches
 from .runtime import load_torchvision, rng_state, set_rng_state
 from .step import TrainingStep

@@ -20,9 +20,8 @@ from pyro_vae.diagnostics import (
     kl_per_dimension,
     pareto_k,
     pareto_k_summary,
-    save_inference_data,
-    to_inference_data,
 )
+from pyro_vae.inference_data import save_inference_data, to_inference_data
 from pyro_vae.errors import DataError
 from pyro_vae.evaluate import importance_log_weights, log_marginal_likelihood
 

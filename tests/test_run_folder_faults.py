@@ -28,7 +28,7 @@ import pyro_vae
 from pyro_vae import VAE, ConfigError, DataError, NumericalError, TrainConfig, kl_weighted, log_marginal_likelihood
 from pyro_vae.cli import main
 from pyro_vae.data import IDX_STEMS, SYSTEM_DATA_DIRS, read_idx
-from pyro_vae.diagnostics import to_inference_data
+from pyro_vae.inference_data import to_inference_data
 from pyro_vae.run import RunFolder
 from pyro_vae.train import Trainer
 
