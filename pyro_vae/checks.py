@@ -1,11 +1,13 @@
-"""Checks of counts that the library's functions take (sample sizes, chunk sizes, components)."""
+"""Checks of the values the library's functions take (counts, folders), without torch."""
 
 from __future__ import annotations
 
 import numbers
 from typing import Any
 
-from .errors import ConfigError
+from pathlib import Path
+
+from .errors import ConfigError, DataError
 
 
 def check_count(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
@@ -15,3 +17,10 @@ def check_count(name: str, value: Any, minimum: int = 1, maximum: int | None = N
         limits = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise ConfigError(f"{name} must be an integer {limits}, got {value!r}")
     return int(value)
+
+
+def data_dir_path(data_dir: Any) -> Path:
+    """``data_dir`` as an absolute path (``~`` expanded); :class:`DataError` if it is empty."""
+    if not str(data_dir).strip():
+        raise DataError("--data-dir is empty; pass the folder that holds the IDX files, or leave it out")
+    return Path(data_dir).expanduser().resolve()

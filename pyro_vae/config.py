@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checks import check_count
+from .checks import check_count, data_dir_path
 from .errors import ConfigError, DataError
 from .names import ARCHITECTURES, DEFAULT_STEP, LIKELIHOOD_OPTIONS, LIKELIHOODS, STEP_MODES, TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization
 
@@ -52,9 +52,7 @@ class TrainConfig:
         if self.binarize is None:
             self.binarize = default_binarization(self.likelihood)
         if self.data_dir is not None:
-            if not str(self.data_dir).strip():
-                raise DataError("--data-dir is empty; pass the folder that holds the IDX files, or leave it out")
-            self.data_dir = str(Path(self.data_dir).expanduser().resolve())  # a run remembers where, whatever the working directory
+            self.data_dir = str(data_dir_path(self.data_dir))  # a run remembers where, whatever the working directory
 
     def validate(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range, or settings that

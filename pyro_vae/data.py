@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .checks import data_dir_path
 from .names import DATASETS, check_binarization_name, dataset_name
 from .networks import IMAGE_SHAPE
 
@@ -172,9 +173,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     """
     name = dataset_name(name)
     explicit = data_dir is not None
-    if explicit and not str(data_dir).strip():
-        raise DataError("--data-dir is empty; pass the folder that holds the IDX files, or leave it out")
-    root = Path(data_dir).expanduser().resolve() if explicit else default_data_dir()
+    root = data_dir_path(data_dir) if explicit else default_data_dir()
     if explicit and root.exists() and not root.is_dir():
         raise DataError(f"--data-dir {root} is a file, not a folder")
     raw = root / DATASETS[name] / "raw"
