@@ -19,7 +19,7 @@ from pyro_vae.cli import parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-# docs/_ext holds the build's extensions and KaTeX's node_modules, whose READMEs are not pages
+# docs/_ext holds the build's extensions and KaTeX's stylesheet and fonts, whose README is not a page
 PAGES = sorted(p for p in DOCS.rglob("*.md") if p.relative_to(DOCS).parts[0] != "_ext")
 MATH_PAGES = sorted((DOCS / "math").glob("*.md"))
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -97,24 +97,14 @@ def test_options_of_documented_commands_exist():
     assert not unknown, f"options in the docs' pyro-vae commands that pyro-vae does not have: {unknown}"
 
 
-def load_katex_hook():
-    spec = importlib.util.spec_from_file_location("katex_math", DOCS / "_ext" / "katex_math.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The site, built once with ``mkdocs build --strict`` for the tests of the built pages."""
-    for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "pymdownx"):
+    # the docs extra installs them all (pykatex typesets the formulas): .ci/run installs it, so on
+    # CI their absence is a failure, not a skip
+    for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "pymdownx", "pykatex"):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install '.[docs]')")
-    # the formulas are typeset at build time by KaTeX on Node.js; .ci/run installs both, so on CI
-    # their absence is a failure, not a skip
-    missing = load_katex_hook().katex_missing()
-    if missing:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(missing)
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{module} is not installed (pip install '.[docs]')")
     out = tmp_path_factory.mktemp("docs") / "site"
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
@@ -259,3 +249,11 @@ def test_math_is_typeset_by_katex(site):
     # and the pages link the stylesheet that lays KaTeX's HTML out, with its fonts
     elbo = (site / "math" / "elbo" / "index.html").read_text(encoding="utf-8")
     assert re.search(r'<link[^>]+href="(?:\.\./)+katex/katex\.min\.css"', elbo), "KaTeX stylesheet not linked"
+    # of the KaTeX release that typeset the pages: it styles the line boxes of every formula, whose
+    # classes KaTeX renames between releases (0.16's "base" and "strut" are 0.19's "katex-base", ...)
+    css = (site / "katex" / "katex.min.css").read_text(encoding="utf-8")
+    line_box = re.compile(r'<span class="katex-html" aria-hidden="true"><span class="([\w-]+)"><span class="([\w-]+)"')
+    boxes = set(line_box.findall(elbo))
+    assert boxes, "no KaTeX line boxes found on math/elbo"
+    unstyled = {c for pair in boxes for c in pair if not re.search(rf"\.{c}(?![\w-])", css)}
+    assert not unstyled, f"classes of KaTeX's output that the site's katex.min.css does not style: {sorted(unstyled)}"
