@@ -64,20 +64,24 @@ def main(argv=None):
     for i, (x, _) in enumerate(test.eval_batches()):
         for fast in (True, False) if i < args.pyro_batches else (True,):
             matmul.extend(timed(device, lambda: a @ b) for _ in range(3))
-            seconds[fast] += timed(device, lambda: log_marginal_likelihood(vae.model, vae.guide, x, args.num_samples, args.chunk_size, fast_path=fast))
+            run = lambda: log_marginal_likelihood(vae.model, vae.guide, x, args.num_samples, args.chunk_size, fast_path=fast)
+            seconds[fast] += timed(device, run)
             pairs[fast] += x.shape[0] * args.num_samples
     peak = 2 * n**3 / statistics.mean(matmul)
     flops = 2 * (vae.z_dim * vae.decoder.net[0].out_features + vae.decoder.net[0].out_features * 784)
-    print(f"importance-sampled log p(x), K={args.num_samples}, chunks of {args.chunk_size}, batches of {args.batch_size}; {describe_machine(device)}")
+    print(f"importance-sampled log p(x), K={args.num_samples}, chunks of {args.chunk_size}, batches of {args.batch_size}; "
+          f"{describe_machine(device)}")
     print(f"float32 {n}x{n} matmul, mean of {len(matmul)} (three before each timed batch): {peak / 1e9:.1f} GFLOP/s")
     rates = {}
     for fast, name in ((True, "fast path"), (False, "Pyro program")):
         if pairs[fast]:
             rates[fast] = pairs[fast] / seconds[fast]
-            print(f"{name}: {pairs[fast] // args.num_samples} images, {rates[fast]:,.0f} image-samples/s ({seconds[fast]:.1f} s); decoder {rates[fast] * flops / 1e9:.1f} GFLOP/s: {rates[fast] * flops / peak:.2f} of the matmul rate")
+            print(f"{name}: {pairs[fast] // args.num_samples} images, {rates[fast]:,.0f} image-samples/s ({seconds[fast]:.1f} s); "
+                  f"decoder {rates[fast] * flops / 1e9:.1f} GFLOP/s: {rates[fast] * flops / peak:.2f} of the matmul rate")
     if len(rates) == 2:
         print(f"fast path / Pyro program: {rates[True] / rates[False]:.2f}x")
-    print(f"the whole test set (10000 images) would take {10000 * args.num_samples / rates[True]:.0f} s at the fast path's rate")
+    whole = 10000 * args.num_samples / rates[True]
+    print(f"the whole test set (10000 images) would take {whole:.0f} s at the fast path's rate (one core)")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def group_size(pixels: int) -> int:
     return size
 
 
-def bernoulli_linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wy: torch.Tensor, by: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def bernoulli_linear_log_prob(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wy: torch.Tensor, by: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """``sum_d log Bernoulli(x_d | logits = W h + b)`` for ``h`` of shape ``(..., n, H)`` and its n
     images' ``wy = W^T y`` ``(n, H)`` and ``by = b . y`` ``(n,)``, ``y = 2 x - 1``, by the identity
     of the module docstring; ``out`` is scratch room for at least ``rows x D`` numbers."""
@@ -106,7 +108,8 @@ class _Observation:
     def __init__(self, vae: VAE, x: torch.Tensor, block_rows: int):
         self.vae, self.x = vae, x
         decoder = vae.decoder
-        self.linear = type(vae.likelihood) is BernoulliLikelihood and type(decoder) is MLPDecoder and isinstance(decoder.net[-1], nn.Linear)
+        bernoulli = type(vae.likelihood) is BernoulliLikelihood
+        self.linear = bernoulli and type(decoder) is MLPDecoder and isinstance(decoder.net[-1], nn.Linear)
         if self.linear:
             self.hidden, head = decoder.net[:-1], decoder.net[-1]
             self.weight, self.bias = head.weight, head.bias
@@ -117,7 +120,8 @@ class _Observation:
     def log_prob(self, z: torch.Tensor, images: slice) -> torch.Tensor:
         if self.linear:
             out = self.scratch.view(-1, self.weight.shape[0])
-            return bernoulli_linear_log_prob(self.hidden(z), self.weight, self.bias, self.wy[images], self.by[images], out)
+            h = self.hidden(z)
+            return bernoulli_linear_log_prob(h, self.weight, self.bias, self.wy[images], self.by[images], out)
         return self.vae.likelihood(self.vae.decoder(z)).log_prob(self.x[images])
 
 
@@ -156,10 +160,12 @@ def matches_pyro(vae: VAE, x: torch.Tensor, estimator, rtol: float = 1e-5) -> bo
         with torch.no_grad(), SuppliedNoise([eps]):
             pyro_log_w = estimator.log_weights(vae.model, vae.guide, x, weighted=False)[0]
     except Exception as error:  # noqa: BLE001 - a program whose draws cannot be supplied is not this one
-        warnings.warn(f"the fast path of the log-weights cannot be checked ({error}); using the Pyro path", FastPathWarning, stacklevel=3)
+        message = f"the fast path of the log-weights cannot be checked ({error}); using the Pyro path"
+        warnings.warn(message, FastPathWarning, stacklevel=3)
         return False
     if not torch.isclose(fast, pyro_log_w, rtol=rtol, atol=rtol).all():
         worst = (fast - pyro_log_w).abs().max().item()
-        warnings.warn(f"the fast path of the log-weights differs from the Pyro program by up to {worst:.3g} nats; using the Pyro path", FastPathWarning, stacklevel=3)
+        message = f"the fast path of the log-weights differs from the Pyro program by up to {worst:.3g} nats; using the Pyro path"
+        warnings.warn(message, FastPathWarning, stacklevel=3)
         return False
     return True

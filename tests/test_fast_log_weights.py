@@ -19,7 +19,14 @@ from pyro_vae import VAE, kl_weighted
 from pyro_vae.estimators import DataPlateIWELBO
 from pyro_vae.evaluate import importance_log_weights
 from pyro_vae import fast_log_weights
-from pyro_vae.fast_log_weights import FastPathWarning, bernoulli_linear_log_prob, draw_noise, fast_path_vae, matches_pyro, vae_log_weights
+from pyro_vae.fast_log_weights import (
+    FastPathWarning,
+    bernoulli_linear_log_prob,
+    draw_noise,
+    fast_path_vae,
+    matches_pyro,
+    vae_log_weights,
+)
 
 from .conftest import binary_batch, continuous_batch
 
@@ -43,7 +50,7 @@ CASES = {
     "bernoulli, two hidden layers": (dict(likelihood="bernoulli", hidden=(24, 16), activation="elu"), binary_batch),
     "continuous_bernoulli": (dict(likelihood="continuous_bernoulli"), continuous_batch),
     "normal": (dict(likelihood="normal", normal_scale="pixel"), continuous_batch),
-    "discretized_logistic": (dict(likelihood="discretized_logistic"), lambda n, d: (continuous_batch(n, d) * 255).round() / 255),
+    "discretized_logistic": (dict(likelihood="discretized_logistic"), lambda n, d: (255 * continuous_batch(n, d)).round() / 255),
 }
 
 
@@ -63,7 +70,8 @@ def test_same_draws_give_the_pyro_programs_log_weights(case, device):
 
 def test_conv_vae_and_the_full_image_size_match_too():
     torch.manual_seed(0)
-    for vae, x in ((VAE(architecture="conv", z_dim=4, hidden=32), binary_batch(3, 784).view(3, 1, 28, 28)), (VAE(z_dim=5, hidden=(64,)), binary_batch(4, 784))):
+    conv = VAE(architecture="conv", z_dim=4, hidden=32), binary_batch(3, 784).view(3, 1, 28, 28)
+    for vae, x in (conv, (VAE(z_dim=5, hidden=(64,)), binary_batch(4, 784))):
         (fast, pyro_w), same_stream = both_paths(vae, x, num_samples=6, chunk_size=4)
         torch.testing.assert_close(fast, pyro_w, rtol=RTOL, atol=RTOL)
         assert same_stream
