@@ -20,7 +20,7 @@ draw instead of D elementwise products; the last takes one sigmoid per pixel and
 of 2^m <= 16 pixels (each factor lies in [1/2, 1), so a group's product stays above 2^-16).
 
 Before the first chunk, :func:`matches_pyro` checks the fast path against the Pyro program itself
-on two draws of supplied noise (:class:`~pyro_vae.compiled.SuppliedNoise`); a model whose program
+on two draws of supplied noise (:class:`~pyro_vae.noise.SuppliedNoise`); a model whose program
 computes something else (a changed prior or guide) gets the Pyro path, with a warning.
 """
 
@@ -151,7 +151,8 @@ def matches_pyro(vae: VAE, x: torch.Tensor, estimator, rtol: float = 1e-5) -> bo
     (:class:`~pyro_vae.estimators.DataPlateIWELBO`) computes from two supplied draws, to float
     rounding: within ``rtol (1 + |log w|)``. Warns (:class:`FastPathWarning`) when not. Leaves
     torch's RNG as it was."""
-    from .compiled import SuppliedNoise, preserved_rng
+    from .noise import SuppliedNoise
+    from .runtime import preserved_rng
 
     with preserved_rng(x.device):
         eps = draw_noise(vae, x, 2)
