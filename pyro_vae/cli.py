@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError, NumericalError
-from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOOD_OPTIONS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, STEP_MODES
+from .names import (ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, GUIDES, LATENT_OPTIONS,
+                    LIKELIHOOD_OPTIONS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, PRIORS, STEP_MODES)
 
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # no __post_init__: nothing heavy imported
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")
@@ -91,6 +92,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
     a("--activation", choices=ACTIVATIONS, help=f"hidden-layer nonlinearity (default {d.activation})")
     a("--z-dim", type=positive_int, help=f"latent dimensions (default {d.z_dim}; 2 also draws the latent manifold)")
+    a("--prior", choices=PRIORS, help=f"p(z): standard N(0, I) or vamp, a mixture of the encoder's posteriors at learned pseudo-inputs (default {d.prior})")
+    a("--pseudo-inputs", type=positive_int, help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})")
+    a("--guide", choices=GUIDES, help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})")
+    a("--flow-steps", type=positive_int, help=f"for --guide iaf: the number of flow steps (default {d.flow_steps})")
     a("--estimator", choices=TRAIN_ESTIMATORS, help=f"ELBO estimator (default {d.estimator}: analytic KL; renyi is for compare only: it tempers its weights under minibatch scaling)")
     a("--num-particles", type=positive_int, help=f"vectorized samples of z per datapoint (default {d.num_particles})")
     a("--epochs", type=positive_int, help=f"total epochs; with --resume, train until this many are done (default {d.epochs})")
@@ -133,6 +138,10 @@ def train_command(args: argparse.Namespace) -> int:
                 if option in given and config.likelihood != likelihood:
                     flag = "--" + option.replace("_", "-")
                     raise ConfigError(f"{flag} is for --likelihood {likelihood}; this run's likelihood is {config.likelihood}: leave {flag} out")
+            for option, (field, choice) in LATENT_OPTIONS.items():
+                if option in given and getattr(config, field) != choice:
+                    flag = "--" + option.replace("_", "-")
+                    raise ConfigError(f"{flag} is for --{field} {choice}; this run's {field} is {getattr(config, field)}: leave {flag} out")
             run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.run_dir is None and parallel.world_size > 1:
             run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp

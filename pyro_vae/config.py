@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .names import ARCHITECTURES, ESTIMATORS, LIKELIHOOD_OPTIONS, STEP_MODES, check_binarization_name, dataset_name
+from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, ESTIMATORS, GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, PRIORS,
+                    STEP_MODES, check_binarization_name, dataset_name)
 
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")  # renyi tempers its weights under minibatches
 
@@ -27,6 +28,10 @@ class TrainConfig:
     hidden: tuple[int, ...] = (400,)
     activation: str = "softplus"
     z_dim: int = 20
+    prior: str = "standard"
+    pseudo_inputs: int = DEFAULT_PSEUDO_INPUTS  # for the vamp prior
+    guide: str = "gaussian"
+    flow_steps: int = DEFAULT_FLOW_STEPS  # for the iaf guide
     estimator: str = "meanfield"
     num_particles: int = 1
     epochs: int = 10
@@ -72,11 +77,11 @@ class TrainConfig:
 
     def check_settings(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range (no device, no model)."""
-        integers = {"z_dim": self.z_dim, "epochs": self.epochs, "batch_size": self.batch_size, "num_particles": self.num_particles, "seed": self.seed}
+        integers = {"z_dim": self.z_dim, "pseudo_inputs": self.pseudo_inputs, "flow_steps": self.flow_steps, "epochs": self.epochs, "batch_size": self.batch_size, "num_particles": self.num_particles, "seed": self.seed}
         for name, value in integers.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
-        for name in ("z_dim", "epochs", "batch_size", "num_particles"):
+        for name in ("z_dim", "pseudo_inputs", "flow_steps", "epochs", "batch_size", "num_particles"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**63:
@@ -91,6 +96,9 @@ class TrainConfig:
             raise ConfigError(f"estimator {self.estimator!r} cannot train here; choose one of {TRAIN_ESTIMATORS}")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {self.architecture!r}; choose one of {ARCHITECTURES}")
+        for name, choices in (("prior", PRIORS), ("guide", GUIDES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {choices}")
         for name in ("max_train", "max_test"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -104,8 +112,10 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (a likelihood's own
-        setting, such as ``mixture_components``, only for the likelihood that reads it)."""
+        setting, such as ``mixture_components``, only for the likelihood that reads it; likewise
+        ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide)."""
         ignored = {k for k, likelihood in LIKELIHOOD_OPTIONS.items() if likelihood != self.likelihood}
+        ignored |= {k for k, (field, choice) in LATENT_OPTIONS.items() if getattr(self, field) != choice}
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .networks import MIN_SCALE
 
 
@@ -99,7 +100,10 @@ def _discretized_log_mass(cdf, x: torch.Tensor, loc: torch.Tensor, raw: torch.Te
 
 def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0) -> torch.Tensor:
     """Per-datapoint ``ELBO_beta``, shape ``(N,)``, differentiable, ``beta = kl_weight``; ``eps`` is
-    drawn as one ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are."""
+    drawn as one ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are.
+    Written for the standard prior and the Gaussian guide."""
+    if vae.prior_name != "standard" or vae.guide_name != "gaussian":
+        raise ConfigError(f"the reference ELBO is written for prior 'standard' and guide 'gaussian', not {vae.prior_name!r} and {vae.guide_name!r}")
     loc, scale = vae.encoder(x)
     eps = torch.empty((num_particles, *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
     z = loc + scale * eps

@@ -36,6 +36,10 @@ def build_vae(config: TrainConfig) -> VAE:
     return VAE(
         x_dim=784,
         z_dim=config.z_dim,
+        prior=config.prior,
+        pseudo_inputs=config.pseudo_inputs,
+        guide=config.guide,
+        flow_steps=config.flow_steps,
         likelihood=config.likelihood,
         normal_scale=config.normal_scale,
         mixture_components=config.mixture_components,
@@ -67,6 +71,7 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
         for hook in hooks:
             hook.remove()
     per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
+    per_draw += vae.vamp_prior.log_prob_numbers if vae.vamp_prior is not None else 0
     return particles * batch * per_draw * 4 * (3 if training else 2)
 
 
@@ -328,8 +333,8 @@ def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
         detail = " ".join(str(e).split()).replace("Error(s) in loading state_dict for VAE: ", "")
         raise ConfigError(f"{source} holds weights that do not fit its own configuration ({detail[:300]}); the run folder is damaged: train again") from e
     with torch.no_grad():  # finite weights can still overflow: refuse a model that cannot score an image
-        loc, scale = vae.encoder(vae.prior_loc.new_full((1, *vae.x_shape), 0.5))
-        outputs = (loc, scale, vae.decoder(loc))
+        encoded = vae.encoder(vae.prior_loc.new_full((1, *vae.x_shape), 0.5))
+        outputs = (*encoded, vae.decoder(encoded[0]))
     if not all(torch.isfinite(t).all() for t in outputs):
         raise ConfigError(f"{source} holds weights whose outputs are not finite; the run diverged or the file is damaged: train again with a lower --lr")
     return vae
