@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError, NumericalError
-from .names import (ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, GUIDES, LATENT_OPTIONS,
-                    LIKELIHOOD_OPTIONS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, PRIORS, STEP_MODES)
+from .names import (ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS,
+                    GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, PRIORS, STEP_MODES)
 
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # no __post_init__: nothing heavy imported
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")
@@ -92,9 +92,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
     a("--activation", choices=ACTIVATIONS, help=f"hidden-layer nonlinearity (default {d.activation})")
     a("--z-dim", type=positive_int, help=f"latent dimensions (default {d.z_dim}; 2 also draws the latent manifold)")
-    a("--prior", choices=PRIORS, help=f"p(z): standard N(0, I) or vamp, a mixture of the encoder's posteriors at learned pseudo-inputs (default {d.prior})")
-    a("--pseudo-inputs", type=positive_int, help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})")
-    a("--guide", choices=GUIDES, help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})")
+    a("--prior", choices=PRIORS,
+      help=f"p(z): standard N(0, I), or vamp, a mixture of the encoder's Gaussians at learned pseudo-inputs "
+           f"(default {d.prior})")
+    a("--pseudo-inputs", type=positive_int,
+      help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})")
+    a("--guide", choices=GUIDES,
+      help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})")
     a("--flow-steps", type=positive_int, help=f"for --guide iaf: the number of flow steps (default {d.flow_steps})")
     a("--estimator", choices=TRAIN_ESTIMATORS, help=f"ELBO estimator (default {d.estimator}: analytic KL; renyi is for compare only: it tempers its weights under minibatch scaling)")
     a("--num-particles", type=positive_int, help=f"vectorized samples of z per datapoint (default {d.num_particles})")
@@ -141,7 +145,10 @@ def train_command(args: argparse.Namespace) -> int:
             for option, (field, choice) in LATENT_OPTIONS.items():
                 if option in given and getattr(config, field) != choice:
                     flag = "--" + option.replace("_", "-")
-                    raise ConfigError(f"{flag} is for --{field} {choice}; this run's {field} is {getattr(config, field)}: leave {flag} out")
+                    chosen = getattr(config, field)
+                    raise ConfigError(
+                        f"{flag} is for --{field} {choice}; this run's {field} is {chosen}: leave {flag} out"
+                    )
             run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.run_dir is None and parallel.world_size > 1:
             run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp
@@ -241,7 +248,7 @@ def sample_command(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
-        plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
+        plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ p(z)")
     print(f"written: {out}")
     return 0
 
@@ -303,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=compare_command, parser=c)
 
     s = sub.add_parser("sample", formatter_class=Formatter, help="a PNG grid of samples from a saved run's prior",
-                       description="Draw z ~ N(0, I) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
+                       description="Draw z from the prior p(z) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
     s.add_argument("run_dir", type=Path, help=run_dir_help)
     s.add_argument("--num", type=_number(int, 1, 10000, what="a whole number"), default=64, help="number of samples")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")

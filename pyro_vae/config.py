@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, ESTIMATORS, GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, PRIORS,
-                    STEP_MODES, check_binarization_name, dataset_name)
+from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, ESTIMATORS, GUIDES, LATENT_OPTIONS,
+                    LIKELIHOOD_OPTIONS, PRIORS, STEP_MODES, check_binarization_name, dataset_name)
 
 TRAIN_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "renyi")  # renyi tempers its weights under minibatches
 
@@ -77,7 +77,8 @@ class TrainConfig:
 
     def check_settings(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range (no device, no model)."""
-        integers = {"z_dim": self.z_dim, "pseudo_inputs": self.pseudo_inputs, "flow_steps": self.flow_steps, "epochs": self.epochs, "batch_size": self.batch_size, "num_particles": self.num_particles, "seed": self.seed}
+        integers = {"pseudo_inputs": self.pseudo_inputs, "flow_steps": self.flow_steps}
+        integers |= {"z_dim": self.z_dim, "epochs": self.epochs, "batch_size": self.batch_size, "num_particles": self.num_particles, "seed": self.seed}
         for name, value in integers.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")

@@ -72,26 +72,32 @@ def encode(vae, x: torch.Tensor, chunk_size: int = 1000) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def posterior_means(vae, x: torch.Tensor, chunk_size: int = 1000, num_draws: int = 64) -> torch.Tensor:
-    """``E_q[z|x_i]``, ``(N, z_dim)`` on the CPU: exact for the Gaussian guide, the average of
-    ``num_draws`` draws for a flow (whose mean has no closed form)."""
-    means = []
+def posterior_means(vae, x: torch.Tensor, chunk_size: int = 1000, num_draws: int = 64) -> tuple[torch.Tensor, ...]:
+    """``E_q[z|x_i]``, ``(N, z_dim)`` on the CPU, and the variance of its estimate, ``(N, z_dim)``:
+    exact (variance 0) for the Gaussian guide; for a flow, whose mean has no closed form, the
+    average of ``num_draws`` draws and their sample variance over ``num_draws``."""
+    means, noise = [], []
     for xb in x.split(chunk_size):
         q = vae.posterior(xb)
         try:
             means.append(q.mean)
+            noise.append(torch.zeros_like(means[-1]))
         except NotImplementedError:
-            means.append(q.sample((num_draws,)).mean(0))
-    return torch.cat(means).cpu()
+            z = q.sample((num_draws,))
+            means.append(z.mean(0))
+            noise.append(z.var(0) / num_draws)
+    return torch.cat(means).cpu(), torch.cat(noise).cpu()
 
 
 def active_units(vae, x: torch.Tensor, threshold: float = 0.01, chunk_size: int = 1000) -> tuple[int, torch.Tensor]:
     """The number of active latent dimensions and ``Cov_x(E_q[z_d|x])`` per dimension, ``(z_dim,)``:
-    the variance over the batch ``x`` of the posterior mean (Burda et al. 2015, section 5.2;
-    :func:`posterior_means`)."""
+    the variance over the batch ``x`` of the posterior mean (Burda et al. 2015, section 5.2). For a
+    flow the means are Monte Carlo averages (:func:`posterior_means`), whose variance adds
+    ``E_x[Var(estimate)]`` to ``Cov_x``: that is subtracted, so the count is not inflated by noise."""
     if x.shape[0] < 2:
         raise DataError("active_units needs at least two datapoints to measure a variance")
-    variances = posterior_means(vae, x, chunk_size).var(0)
+    means, noise = posterior_means(vae, x, chunk_size)
+    variances = means.var(0) - noise.mean(0)
     return int((variances > threshold).sum()), variances
 
 

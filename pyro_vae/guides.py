@@ -37,7 +37,9 @@ class GaussianGuide(nn.Module):
 
     context_dim = 0
 
-    def forward(self, loc: torch.Tensor, scale: torch.Tensor, context: torch.Tensor | None = None) -> dist.TorchDistribution:
+    def forward(
+        self, loc: torch.Tensor, scale: torch.Tensor, context: torch.Tensor | None = None
+    ) -> dist.TorchDistribution:
         return dist.Normal(loc, scale).to_event(1)
 
 
@@ -47,15 +49,22 @@ class IAFGuide(nn.Module):
     def __init__(self, z_dim: int, flow_steps: int = 2, context_dim: int | None = None):
         super().__init__()
         if z_dim < 2:
-            raise ConfigError("the iaf guide needs z_dim >= 2 (an autoregressive flow on one dimension is an affine map); use guide='gaussian'")
+            raise ConfigError(
+                "the iaf guide needs z_dim >= 2 (an autoregressive flow on one dimension is an affine map); "
+                "use guide='gaussian'"
+            )
         self.context_dim = z_dim if context_dim is None else check_count("context_dim", context_dim)
         steps = check_count("flow_steps", flow_steps, maximum=64)
         self.flows = nn.ModuleList(T.conditional_affine_autoregressive(z_dim, self.context_dim) for _ in range(steps))
 
-    def forward(self, loc: torch.Tensor, scale: torch.Tensor, context: torch.Tensor | None = None) -> dist.TorchDistribution:
+    def forward(
+        self, loc: torch.Tensor, scale: torch.Tensor, context: torch.Tensor | None = None
+    ) -> dist.TorchDistribution:
         if context is None or context.shape[-1] != self.context_dim:
             got = "none" if context is None else context.shape[-1]
-            raise ConfigError(f"the iaf guide needs a context of {self.context_dim} values from the encoder, got {got}")
+            raise ConfigError(
+                f"the iaf guide needs a context of {self.context_dim} values from the encoder, got {got}"
+            )
         base = dist.Normal(loc, scale).to_event(1)
         return dist.ConditionalTransformedDistribution(base, list(self.flows)).condition(context)
 

@@ -62,7 +62,10 @@ def data_shape(x_dim, x_shape, architecture: str, own_networks: bool) -> tuple[i
         x_dim = _count("x_dim", 784 if x_dim is None else x_dim)
         if architecture == "conv" and not own_networks:
             if x_dim != 784:
-                raise ConfigError(f"the conv architecture takes images: pass x_shape=(C, H, W), or x_dim=784 for 1x28x28, got x_dim={x_dim}")
+                raise ConfigError(
+                    "the conv architecture takes images: pass x_shape=(C, H, W), or x_dim=784 for 1x28x28, "
+                    f"got x_dim={x_dim}"
+                )
             return IMAGE_SHAPE
         return (x_dim,)
     if isinstance(x_shape, (str, bytes)) or not isinstance(x_shape, Iterable):
@@ -71,9 +74,13 @@ def data_shape(x_dim, x_shape, architecture: str, own_networks: bool) -> tuple[i
     if not shape:
         raise ConfigError("x_shape is empty; pass the shape of one datapoint, such as (784,) or (3, 32, 32)")
     if x_dim is not None and _count("x_dim", x_dim) != math.prod(shape):
-        raise ConfigError(f"x_dim={x_dim} does not match x_shape {shape} ({math.prod(shape)} values); pass only one of them")
+        size = math.prod(shape)
+        raise ConfigError(f"x_dim={x_dim} does not match x_shape {shape} ({size} values); pass only one of them")
     if architecture == "mlp" and len(shape) != 1 and not own_networks:
-        raise ConfigError(f"the mlp networks take flat vectors; for images of shape {shape} use architecture='conv' or x_dim={math.prod(shape)} with flattened images")
+        raise ConfigError(
+            f"the mlp networks take flat vectors; for images of shape {shape} use architecture='conv' "
+            f"or x_dim={math.prod(shape)} with flattened images"
+        )
     return shape
 
 
@@ -93,7 +100,8 @@ def _dummy_call(net: nn.Module, part: str, inputs: torch.Tensor):
     try:
         return net(inputs)
     except Exception as e:  # the user's network cannot take the contract's input at all
-        raise ConfigError(f"the {part} fails on a batch of shape {tuple(inputs.shape)}: {' '.join(str(e).split())[:200]}") from e
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"the {part} fails on a batch of shape {tuple(inputs.shape)}: {reason}") from e
     finally:
         for module, mode in modes:
             module.train(mode)
@@ -112,14 +120,18 @@ def check_encoder(encoder: nn.Module, x_shape: Sequence[int], z_dim: int, needs_
     x = _dummy_input(encoder, x_shape)
     out = _dummy_call(encoder, "encoder", x)
     z_shape = (*DUMMY_BATCH, z_dim)
-    wanted = f"(loc, scale) of shape {z_shape} each" + (f" and a context of shape (2, 3, context_dim)" if needs_context else "")
-    ok = isinstance(out, (tuple, list)) and len(out) in ((3,) if needs_context else (2, 3)) and all(isinstance(t, torch.Tensor) for t in out)
-    ok = ok and all(tuple(t.shape) == z_shape for t in out[:2])
-    ok = ok and (len(out) == 2 or (out[2].dim() == 3 and tuple(out[2].shape[:2]) == DUMMY_BATCH and out[2].shape[2] >= 1))
+    wanted = f"(loc, scale) of shape {z_shape} each"
+    wanted += " and a context of shape (2, 3, context_dim)" if needs_context else ""
+    ok = isinstance(out, (tuple, list)) and len(out) in ((3,) if needs_context else (2, 3))
+    ok = ok and all(isinstance(t, torch.Tensor) for t in out) and all(tuple(t.shape) == z_shape for t in out[:2])
+    ok = ok and (len(out) == 2 or (out[2].dim() == 3 and out[2].shape[:2] == DUMMY_BATCH and out[2].shape[2] >= 1))
     if not ok:
         raise ConfigError(f"the encoder must map x of shape {tuple(x.shape)} to {wanted}; it returned {_shapes(out)}")
     if not torch.all(out[1] > 0):
-        raise ConfigError("the encoder's scale (its second output) must be positive; end it with softplus, as pyro_vae.networks.positive_scale does")
+        raise ConfigError(
+            "the encoder's scale (its second output) must be positive; end it with softplus, "
+            "as pyro_vae.networks.positive_scale does"
+        )
     return out[2].shape[-1] if len(out) == 3 else 0
 
 
@@ -131,7 +143,8 @@ def check_decoder(decoder: nn.Module, z_dim: int, out_shape: Sequence[int], like
     expected = (*DUMMY_BATCH, *out_shape)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         per = f"{likelihood.num_params} value{'s' if likelihood.num_params > 1 else ''} per pixel for this likelihood"
-        raise ConfigError(f"the decoder must map z of shape {tuple(z.shape)} to {expected} ({per}); it returned {_shapes(out)}")
+        returned, z_shape = _shapes(out), tuple(z.shape)
+        raise ConfigError(f"the decoder must map z of shape {z_shape} to {expected} ({per}); it returned {returned}")
 
 
 class VAE(nn.Module):
@@ -205,7 +218,8 @@ class VAE(nn.Module):
         hidden = tuple(_count("a hidden layer width", h) for h in ((hidden,) if isinstance(hidden, numbers.Integral) else hidden))
         if isinstance(normal_scale, bool) or (isinstance(normal_scale, numbers.Real) and not (math.isfinite(normal_scale) and normal_scale > 0)):
             raise ConfigError(f"a fixed normal_scale must be a positive finite number, got {normal_scale!r}")
-        self.x_shape = data_shape(x_dim, x_shape, architecture, own_networks=encoder is not None and decoder is not None)
+        own_networks = encoder is not None and decoder is not None
+        self.x_shape = data_shape(x_dim, x_shape, architecture, own_networks)
         self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale, mixture_components)
         if self.likelihood.x_shape != self.x_shape:
             raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")

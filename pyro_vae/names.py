@@ -11,7 +11,8 @@ LIKELIHOOD_OPTIONS = {"normal_scale": "normal", "mixture_components": "discretiz
 PRIORS = ("standard", "vamp")  # p(z): N(0, I), or the VampPrior (pyro_vae.priors)
 GUIDES = ("gaussian", "iaf")  # q(z|x): a diagonal Gaussian, or one followed by an inverse autoregressive flow
 DEFAULT_PSEUDO_INPUTS, DEFAULT_FLOW_STEPS = 500, 2
-LATENT_OPTIONS = {"pseudo_inputs": ("prior", "vamp"), "flow_steps": ("guide", "iaf")}  # setting -> (field, the choice that reads it)
+# setting -> (the field that chooses, the one choice that reads the setting)
+LATENT_OPTIONS = {"pseudo_inputs": ("prior", "vamp"), "flow_steps": ("guide", "iaf")}
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("softplus", "relu", "tanh", "elu")

@@ -12,7 +12,9 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from pyro_vae import VAE, ConfigError, log_marginal_likelihood, make_elbo
+from pyro_vae.diagnostics import to_inference_data
 from pyro_vae.evaluate import importance_log_weights
+from pyro_vae.objective import elbo_loss
 from pyro_vae.networks import positive_scale
 
 from .conftest import binary_batch
@@ -53,7 +55,10 @@ def test_vamp_prior_and_iaf_posterior_each_integrate_to_one():
     with torch.no_grad():
         prior, posterior = vae.prior(), vae.posterior(x)
         center = vae.encoder(x)[0][0]
-        for log_density, c in ((prior.log_prob, torch.zeros(2, dtype=torch.float64)), (lambda z: posterior.log_prob(z.unsqueeze(1)).squeeze(1), center)):
+        for log_density, c in (
+            (prior.log_prob, torch.zeros(2, dtype=torch.float64)),
+            (lambda z: posterior.log_prob(z.unsqueeze(1)).squeeze(1), center),
+        ):
             mean, se = wide_normalization(log_density, c)
             assert abs(mean - 1) < 4 * se and se < 0.05
 
@@ -95,7 +100,9 @@ def test_meanfield_falls_back_to_the_monte_carlo_kl_where_no_analytic_kl_exists(
     losses = []
     for estimator in (Trace_ELBO, TraceMeanField_ELBO):
         pyro.set_rng_seed(9)
-        losses.append(estimator(num_particles=3, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x))
+        losses.append(
+            estimator(num_particles=3, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x)
+        )
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
 
 
@@ -125,10 +132,24 @@ def test_importance_weights_of_vamp_with_iaf_are_the_formula_per_datapoint():
     assert torch.allclose(log_w, log_lik + log_prior - log_q, rtol=1e-10, atol=0)
     ll = log_marginal_likelihood(vae.model, vae.guide, x, num_samples=40, chunk_size=40, warn=False)
     assert ll.log_px.shape == (6,)
+    idata = to_inference_data(vae, x, log_weights=log_w.detach(), num_draws=3)
+    assert idata.posterior["z"].shape == (1, 3, 6, 3) and idata.importance_sampling["pareto_k"].shape == (6,)
     pyro.set_rng_seed(2)
     one = make_elbo("iwae", 1).loss(vae.model, vae.guide, x)
     pyro.set_rng_seed(2)
     assert one == pytest.approx(Trace_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide, x), rel=1e-12)
+
+
+def test_a_kl_weight_scales_the_monte_carlo_kl_term_of_vamp_with_iaf():
+    """``-ELBO_beta = -E[log p(x|z)] - beta E[log p(z) - log q(z|x)]`` is linear in beta draw for draw."""
+    vae = VAE(x_dim=12, z_dim=3, hidden=(16,), prior="vamp", pseudo_inputs=5, guide="iaf").double()
+    x = binary_batch(6, 12).double()
+    losses = []
+    for beta in (0.0, 1.0, 2.0):
+        pyro.set_rng_seed(4)
+        losses.append(elbo_loss(make_elbo("meanfield", 2), vae.model, vae.guide, x, beta).item())
+    assert losses[2] - losses[1] == pytest.approx(losses[1] - losses[0], rel=1e-10)
+    assert losses[1] != pytest.approx(losses[0], rel=1e-3)
 
 
 def test_vamp_and_iaf_compose_with_predictive_traces_and_vectorized_particles():
@@ -139,7 +160,10 @@ def test_vamp_and_iaf_compose_with_predictive_traces_and_vectorized_particles():
     posterior = Predictive(vae.model, guide=vae.guide, num_samples=4, return_sites=["z"])(x)
     assert posterior["z"].shape == (4, 6, 3)
     model_trace = poutine.trace(vae.model).get_trace(x)
-    assert "composed.prior$$$pseudo_inputs" in model_trace.nodes and "composed.encoder$$$net.0.weight" in model_trace.nodes
+    assert (
+        "composed.prior$$$pseudo_inputs" in model_trace.nodes
+        and "composed.encoder$$$net.0.weight" in model_trace.nodes
+    )
     guide_trace = poutine.trace(vae.guide).get_trace(x)
     assert any(name.startswith("composed.guide$$$flows.") for name in guide_trace.nodes)
     elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
@@ -177,7 +201,9 @@ class ThreeLayerEncoder(nn.Module):
     def __init__(self, x_dim, z_dim, context_dim=0):
         super().__init__()
         self.z_dim = z_dim
-        self.net = nn.Sequential(nn.Linear(x_dim, 24), nn.GELU(), nn.Linear(24, 24), nn.GELU(), nn.Linear(24, 2 * z_dim + context_dim))
+        self.net = nn.Sequential(
+            nn.Linear(x_dim, 24), nn.GELU(), nn.Linear(24, 24), nn.GELU(), nn.Linear(24, 2 * z_dim + context_dim)
+        )
 
     def forward(self, x):
         h = self.net(x)
@@ -192,7 +218,13 @@ def three_layer_decoder(z_dim, out):
 def test_your_own_networks_train_under_plain_svi_beside_a_built_in_vae():
     torch.manual_seed(0)
     x = two_patterns()
-    own = VAE(x_dim=12, z_dim=2, encoder=ThreeLayerEncoder(12, 2, context_dim=5), decoder=three_layer_decoder(2, 12), guide="iaf")
+    own = VAE(
+        x_dim=12,
+        z_dim=2,
+        encoder=ThreeLayerEncoder(12, 2, context_dim=5),
+        decoder=three_layer_decoder(2, 12),
+        guide="iaf",
+    )
     built_in = VAE(x_dim=12, z_dim=2, hidden=(24,))
     assert own.guide_family.context_dim == 5
     elbo = make_elbo("trace", 4)
@@ -209,10 +241,30 @@ def test_your_own_networks_train_under_plain_svi_beside_a_built_in_vae():
 @pytest.mark.parametrize(
     "encoder, decoder, guide, match",
     [
-        (ThreeLayerEncoder(12, 2), three_layer_decoder(2, 11), "gaussian", r"decoder must map z of shape \(2, 3, 2\) to \(2, 3, 12\).*returned \(2, 3, 11\)"),
-        (ThreeLayerEncoder(12, 3), three_layer_decoder(2, 12), "gaussian", r"encoder must map x of shape \(2, 3, 12\) to \(loc, scale\) of shape \(2, 3, 2\)"),
-        (ThreeLayerEncoder(12, 2), three_layer_decoder(2, 12), "iaf", r"and a context of shape \(2, 3, context_dim\); it returned \(\(2, 3, 2\), \(2, 3, 2\)\)"),
-        (nn.Linear(5, 4), three_layer_decoder(2, 12), "gaussian", r"the encoder fails on a batch of shape \(2, 3, 12\)"),
+        (
+            ThreeLayerEncoder(12, 2),
+            three_layer_decoder(2, 11),
+            "gaussian",
+            r"decoder must map z of shape \(2, 3, 2\) to \(2, 3, 12\).*returned \(2, 3, 11\)",
+        ),
+        (
+            ThreeLayerEncoder(12, 3),
+            three_layer_decoder(2, 12),
+            "gaussian",
+            r"encoder must map x of shape \(2, 3, 12\) to \(loc, scale\) of shape \(2, 3, 2\)",
+        ),
+        (
+            ThreeLayerEncoder(12, 2),
+            three_layer_decoder(2, 12),
+            "iaf",
+            r"and a context of shape \(2, 3, context_dim\); it returned \(\(2, 3, 2\), \(2, 3, 2\)\)",
+        ),
+        (
+            nn.Linear(5, 4),
+            three_layer_decoder(2, 12),
+            "gaussian",
+            r"the encoder fails on a batch of shape \(2, 3, 12\)",
+        ),
     ],
 )
 def test_networks_that_break_the_contract_are_refused_in_one_line(encoder, decoder, guide, match):
@@ -229,16 +281,29 @@ def test_the_contract_check_leaves_batch_norm_statistics_alone():
     assert encoder.training and encoder.net[1].num_batches_tracked == 0
 
 
-LIKELIHOODS = ["bernoulli", "continuous_bernoulli", "normal", "discretized_logistic", "discretized_normal", "discretized_logistic_mixture"]
+LIKELIHOODS = [
+    "bernoulli",
+    "continuous_bernoulli",
+    "normal",
+    "discretized_logistic",
+    "discretized_normal",
+    "discretized_logistic_mixture",
+]
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_conv_on_8_bit_colour_images_scores_every_likelihood_with_particles(likelihood):
     torch.manual_seed(0)
-    vae = VAE(x_shape=(3, 32, 32), z_dim=4, architecture="conv", hidden=32, likelihood=likelihood, mixture_components=2)
+    vae = VAE(
+        x_shape=(3, 32, 32), z_dim=4, architecture="conv", hidden=32, likelihood=likelihood, mixture_components=2
+    )
     x = torch.randint(0, 256, (5, 3, 32, 32)).float() / 255
     x = x.round() if likelihood == "bernoulli" else x
-    model_tr, guide_tr = next(Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)._get_traces(vae.model, vae.guide, (x,), {}))
+    model_tr, guide_tr = next(
+        Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)._get_traces(
+            vae.model, vae.guide, (x,), {}
+        )
+    )
     assert guide_tr.nodes["z"]["value"].shape == (2, 5, 4)
     assert model_tr.nodes["x"]["fn"].event_shape == (3, 32, 32) and model_tr.nodes["x"]["log_prob"].shape == (2, 5)
     ll = log_marginal_likelihood(vae.model, vae.guide, x, num_samples=8, warn=False)
@@ -250,7 +315,9 @@ def test_conv_on_8_bit_colour_images_scores_every_likelihood_with_particles(like
 def test_conv_networks_take_other_sizes_and_channel_counts(shape):
     vae = VAE(x_shape=shape, z_dim=4, architecture="conv", hidden=16, likelihood="normal", normal_scale="decoder")
     z = torch.zeros(2, 3, 4)
-    assert vae.decoder(z).shape == (2, 3, 2 * shape[0], *shape[1:]) and vae.encoder(torch.zeros(2, 3, *shape))[0].shape == (2, 3, 4)
+    assert vae.decoder(z).shape == (2, 3, 2 * shape[0], *shape[1:]) and vae.encoder(torch.zeros(2, 3, *shape))[
+        0
+    ].shape == (2, 3, 4)
 
 
 def test_conv_refuses_a_size_it_cannot_halve_naming_the_sizes_that_work():
@@ -263,7 +330,9 @@ def test_conv_refuses_a_size_it_cannot_halve_naming_the_sizes_that_work():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:CompiledStep")  # the flow's draws cannot be graph inputs: the traced step runs eager Pyro
+@pytest.mark.filterwarnings(
+    "ignore:CompiledStep"
+)  # the flow's draws cannot be graph inputs: the traced step runs eager Pyro
 def test_a_vamp_iaf_run_saves_its_new_parameters_records_its_choices_and_resumes_exactly(tmp_path):
     from pyro_vae import TrainConfig, load_run
     from pyro_vae.train import train
@@ -271,13 +340,29 @@ def test_a_vamp_iaf_run_saves_its_new_parameters_records_its_choices_and_resumes
     from .idx_files import write_dataset
 
     write_dataset(tmp_path / "data", gz=True, n_train=64, n_test=32)
-    settings = dict(dataset="mnist", data_dir=str(tmp_path / "data"), hidden=(16,), z_dim=2, batch_size=32,
-                    prior="vamp", pseudo_inputs=3, guide="iaf", flow_steps=2, estimator="trace", step="traced")
+    settings = dict(
+        dataset="mnist",
+        data_dir=str(tmp_path / "data"),
+        hidden=(16,),
+        z_dim=2,
+        batch_size=32,
+        prior="vamp",
+        pseudo_inputs=3,
+        guide="iaf",
+        flow_steps=2,
+        estimator="trace",
+        step="traced",
+    )
     straight = train(TrainConfig(epochs=2, **settings), tmp_path / "straight", progress=False)
     train(TrainConfig(epochs=1, **settings), tmp_path / "run", progress=False)
     assert train(TrainConfig(epochs=2, **settings), tmp_path / "run", resume=True, progress=False) == straight
     run = load_run(tmp_path / "run", "cpu")
-    assert (run.config.prior, run.config.pseudo_inputs, run.config.guide, run.config.flow_steps) == ("vamp", 3, "iaf", 2)
+    assert (run.config.prior, run.config.pseudo_inputs, run.config.guide, run.config.flow_steps) == (
+        "vamp",
+        3,
+        "iaf",
+        2,
+    )
     assert run.vae.vamp_prior.pseudo_inputs.shape == (3, 784) and len(run.vae.guide_family.flows) == 2
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     state = run.vae.state_dict()
@@ -301,3 +386,25 @@ def test_the_cli_refuses_a_flow_setting_without_the_iaf_guide(tmp_path, capsys):
     assert main(["train", "--flow-steps", "3", "--run-dir", str(tmp_path / "run")]) == 2
     assert "--flow-steps is for --guide iaf; this run's guide is gaussian" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_refuses_the_reference_elbo_for_a_vamp_prior_before_drawing():
+    from pyro_vae.compare import compare_estimators
+
+    with pytest.raises(ConfigError, match="reference ELBO is written for prior 'standard' and guide 'gaussian'"):
+        compare_estimators(vamp_vae(), binary_batch(4, 12).double(), ["trace", "reference"], [1], repeats=2)
+
+
+def test_active_units_of_a_flow_do_not_count_the_noise_of_its_monte_carlo_means():
+    """An IAF guide that ignores x: Cov_x E[z|x] = 0, but 64-draw means vary by Var_q / 64 ~ 0.016."""
+    from pyro_vae.diagnostics import active_units
+
+    torch.manual_seed(0)
+    vae = VAE(x_dim=12, z_dim=3, hidden=(16,), guide="iaf")
+    last = vae.encoder.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[3:6] = 0.5413  # softplus: scale 1
+    count, variances = active_units(vae, binary_batch(400, 12))
+    assert count == 0 and variances.abs().max() < 0.005
