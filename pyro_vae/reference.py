@@ -103,7 +103,10 @@ def check_reference_applies(vae) -> None:
     :func:`reference_elbo` is written for."""
     if vae.prior_name != "standard" or vae.guide_name != "gaussian":
         chosen = f"prior {vae.prior_name!r} and guide {vae.guide_name!r}"
-        raise ConfigError(f"the reference ELBO is written for prior 'standard' and guide 'gaussian', not {chosen}")
+        raise ConfigError(
+            f"the reference ELBO is written for prior 'standard' and guide 'gaussian', not {chosen}; "
+            "compare the Pyro estimators without 'reference' (--estimators trace meanfield iwae)"
+        )
 
 
 def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0) -> torch.Tensor:
