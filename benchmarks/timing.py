@@ -30,9 +30,10 @@ def start(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
 
 
-def bench_trainer(args: argparse.Namespace, batch_size: int, particles: int, max_train: int) -> Trainer:
-    """A ``pyro-vae train`` Trainer on Fashion-MNIST in a throwaway run folder."""
-    config = TrainConfig(batch_size=batch_size, num_particles=particles, device=args.device, data_dir=args.data_dir, max_train=max_train, max_test=128)
+def bench_trainer(args: argparse.Namespace, batch_size: int, particles: int, max_train: int, **settings) -> Trainer:
+    """A ``pyro-vae train`` Trainer on Fashion-MNIST in a throwaway run folder (``settings``: other
+    :class:`~pyro_vae.TrainConfig` fields)."""
+    config = TrainConfig(batch_size=batch_size, num_particles=particles, device=args.device, data_dir=args.data_dir, max_train=max_train, max_test=128, **settings)
     return Trainer(config, tempfile.mkdtemp(prefix="pyro-vae-bench-"), progress=False)
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import ConfigError, DataError, DistributedError, NumericalError
 from .launcher import launched, rank_label
-from .names import ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES, STEP_MODES, TRAIN_ESTIMATORS
+from .names import (ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, GUIDES, LIKELIHOODS,
+                    MAX_MIXTURE_COMPONENTS, NORMAL_SCALES, PRIORS, STEP_MODES, TRAIN_ESTIMATORS)
 
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
 
@@ -90,6 +91,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
     a("--activation", choices=ACTIVATIONS, help=f"hidden-layer nonlinearity (default {d.activation})")
     a("--z-dim", type=positive_int, help=f"latent dimensions (default {d.z_dim}; 2 also draws the latent manifold)")
+    a("--prior", choices=PRIORS,
+      help=f"p(z): standard N(0, I), or vamp, a mixture of the encoder's Gaussians at learned pseudo-inputs "
+           f"(default {d.prior})")
+    a("--pseudo-inputs", type=positive_int,
+      help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})")
+    a("--guide", choices=GUIDES,
+      help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})")
+    a("--flow-steps", type=positive_int, help=f"for --guide iaf: the number of flow steps (default {d.flow_steps})")
     a("--estimator", choices=TRAIN_ESTIMATORS, help=f"ELBO estimator (default {d.estimator}: analytic KL; renyi is for compare only: it tempers its weights under minibatch scaling)")
     a("--num-particles", type=positive_int, help=f"vectorized samples of z per datapoint (default {d.num_particles})")
     a("--epochs", type=positive_int, help=f"total epochs; with --resume, train until this many are done (default {d.epochs})")
@@ -222,7 +231,7 @@ def sample_command(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
-        plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
+        plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ p(z)")
     print(f"written: {out}")
     return 0
 
@@ -284,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=compare_command, parser=c)
 
     s = sub.add_parser("sample", formatter_class=Formatter, help="a PNG grid of samples from a saved run's prior",
-                       description="Draw z ~ N(0, I) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
+                       description="Draw z from the prior p(z) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
     s.add_argument("run_dir", type=Path, help=run_dir_help)
     s.add_argument("--num", type=_number(int, 1, 10000, what="a whole number"), default=64, help="number of samples")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")

@@ -38,7 +38,7 @@ from .checkpoint import replace_atomically
 from .errors import ConfigError
 from .estimators import ESTIMATORS, make_elbo
 from .model import VAE
-from .reference import reference_elbo
+from .reference import check_reference_applies, reference_elbo
 
 COMPARABLE = ESTIMATORS + ("reference",)
 
@@ -122,6 +122,8 @@ def compare_estimators(
     if repeats < 2:
         raise ConfigError(f"repeats must be at least 2 to estimate a variance, got {repeats}")
     steps = [(name, k, loss_step(name, k)) for name in estimators for k in particles]
+    if "reference" in estimators:
+        check_reference_applies(vae)  # before any row is drawn
     n = x.shape[0]
     rows = []
     for name, k, step in steps:

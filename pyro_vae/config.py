@@ -11,7 +11,8 @@ from typing import Any
 
 from .checks import check_count, data_dir_path
 from .errors import ConfigError, DataError
-from .names import ARCHITECTURES, DEFAULT_STEP, LIKELIHOOD_OPTIONS, LIKELIHOODS, STEP_MODES, TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization
+from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, DEFAULT_STEP, GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, LIKELIHOODS, PRIORS, STEP_MODES,
+                    TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization)
 
 
 @dataclasses.dataclass
@@ -27,6 +28,10 @@ class TrainConfig:
     hidden: tuple[int, ...] = (400,)
     activation: str = "softplus"
     z_dim: int = 20
+    prior: str = "standard"
+    pseudo_inputs: int = DEFAULT_PSEUDO_INPUTS  # for the vamp prior
+    guide: str = "gaussian"
+    flow_steps: int = DEFAULT_FLOW_STEPS  # for the iaf guide
     estimator: str = "meanfield"
     num_particles: int = 1
     epochs: int = 10
@@ -57,7 +62,7 @@ class TrainConfig:
     def validate(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range, or settings that
         cannot go together (values only: the trainer checks the device, the model and memory)."""
-        for name in ("z_dim", "epochs", "batch_size", "num_particles"):
+        for name in ("z_dim", "pseudo_inputs", "flow_steps", "epochs", "batch_size", "num_particles"):
             check_count(name, getattr(self, name))
         check_count("seed", self.seed, 0, 2**63 - 1)
         for name in ("max_train", "max_test"):
@@ -71,23 +76,27 @@ class TrainConfig:
             raise ConfigError(f"the learning rate must be a number in (0, 10], got {self.lr}")
         if isinstance(self.kl_anneal_epochs, bool) or not isinstance(self.kl_anneal_epochs, (int, float)) or not (math.isfinite(self.kl_anneal_epochs) and self.kl_anneal_epochs >= 0):
             raise ConfigError(f"kl_anneal_epochs must be a finite number >= 0, got {self.kl_anneal_epochs}")
-        for name, value, choices in (("step mode", self.step, STEP_MODES), ("estimator", self.estimator, TRAIN_ESTIMATORS), ("architecture", self.architecture, ARCHITECTURES)):
+        for name, value, choices in (("step mode", self.step, STEP_MODES), ("estimator", self.estimator, TRAIN_ESTIMATORS), ("architecture", self.architecture, ARCHITECTURES), ("prior", self.prior, PRIORS), ("guide", self.guide, GUIDES)):
             if value not in choices:
                 raise ConfigError(f"the {name} {value!r} cannot train here; choose one of {', '.join(choices)}")
         check_binarization(self.likelihood, self.binarize)
 
     def check_options_given(self, given) -> None:
-        """:class:`ConfigError` if ``given`` (names of settings a user set) holds a likelihood's own
-        setting, such as ``normal_scale``, while this run's likelihood is another."""
-        for option, likelihood in LIKELIHOOD_OPTIONS.items():
-            if option in given and self.likelihood != likelihood:
+        """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a
+        likelihood, prior or guide that this run does not use (``normal_scale`` for a Bernoulli
+        run, ``flow_steps`` without the iaf guide)."""
+        owners = {option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()} | LATENT_OPTIONS
+        for option, (field, choice) in owners.items():
+            if option in given and getattr(self, field) != choice:
                 flag = "--" + option.replace("_", "-")
-                raise ConfigError(f"{flag} is for --likelihood {likelihood}; this run's likelihood is {self.likelihood}: leave {flag} out")
+                raise ConfigError(f"{flag} is for --{field} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out")
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (a likelihood's own
-        setting, such as ``mixture_components``, only for the likelihood that reads it)."""
+        setting, such as ``mixture_components``, only for the likelihood that reads it; likewise
+        ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide)."""
         ignored = {k for k, likelihood in LIKELIHOOD_OPTIONS.items() if likelihood != self.likelihood}
+        ignored |= {k for k, (field, choice) in LATENT_OPTIONS.items() if getattr(self, field) != choice}
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}
 
     def to_dict(self) -> dict[str, Any]:

@@ -61,39 +61,71 @@ def pareto_k_summary(k: np.ndarray) -> dict[str, Any]:
 
 @torch.no_grad()
 def encode(vae, x: torch.Tensor, chunk_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q(z|x)``'s ``loc`` and ``scale``, each ``(N, z_dim)`` on the CPU, ``chunk_size`` datapoints at a time."""
+    """The encoder's Gaussian ``loc`` and ``scale``, each ``(N, z_dim)`` on the CPU, ``chunk_size``
+    datapoints at a time (for ``guide="iaf"``, the Gaussian before the flow)."""
     parts = [vae.encoder(xb) for xb in x.split(chunk_size)]
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
 
+@torch.no_grad()
+def posterior_means(vae, x: torch.Tensor, chunk_size: int = 1000, num_draws: int = 64) -> tuple[torch.Tensor, ...]:
+    """``E_q[z|x_i]``, ``(N, z_dim)`` on the CPU, and the variance of its estimate, ``(N, z_dim)``:
+    exact (variance 0) for the Gaussian guide; for a flow, whose mean has no closed form, the
+    average of ``num_draws`` draws and their sample variance over ``num_draws``."""
+    means, noise = [], []
+    for xb in x.split(chunk_size):
+        q = vae.posterior(xb)
+        try:
+            means.append(q.mean)
+            noise.append(torch.zeros_like(means[-1]))
+        except NotImplementedError:
+            z = q.sample((num_draws,))
+            means.append(z.mean(0))
+            noise.append(z.var(0) / num_draws)
+    return torch.cat(means).cpu(), torch.cat(noise).cpu()
+
+
 def active_units(vae, x: torch.Tensor, threshold: float = 0.01, chunk_size: int = 1000) -> tuple[int, torch.Tensor]:
     """The number of active latent dimensions and ``Cov_x(E_q[z_d|x])`` per dimension, ``(z_dim,)``:
-    the variance over the batch ``x`` of the encoder mean (Burda et al. 2015, section 5.2)."""
+    the variance over the batch ``x`` of the posterior mean (Burda et al. 2015, section 5.2). For a
+    flow the means are Monte Carlo averages (:func:`posterior_means`), whose variance adds
+    ``E_x[Var(estimate)]`` to ``Cov_x``: that is subtracted, so the count is not inflated by noise."""
     if x.shape[0] < 2:
         raise DataError("active_units needs at least two datapoints to measure a variance")
-    variances = encode(vae, x, chunk_size)[0].var(0)
+    means, noise = posterior_means(vae, x, chunk_size)
+    variances = means.var(0) - noise.mean(0)
     return int((variances > threshold).sum()), variances
 
 
 def kl_per_dimension(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tensor:
     """``(1/N) sum_i KL(q(z_d|x_i) || p(z_d))`` per latent dimension, shape ``(z_dim,)``; it sums to
-    the mean total KL (for the standard-normal prior, ``1/2 (scale^2 + loc^2 - 1 - log scale^2)``)."""
+    the mean total KL (for the standard-normal prior, ``1/2 (scale^2 + loc^2 - 1 - log scale^2)``).
+    Defined where both factorize over dimensions (standard prior, Gaussian guide); NaN otherwise."""
+    if vae.prior_name != "standard" or vae.guide_name != "gaussian":
+        return torch.full((vae.z_dim,), math.nan)
     loc, scale = encode(vae, x, chunk_size)
     prior = dist.Normal(vae.prior_loc.cpu(), vae.prior_scale.cpu())
     return kl_divergence(dist.Normal(loc, scale), prior).mean(0)
 
 
 @torch.no_grad()
-def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1) -> dict[str, torch.Tensor]:
+def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1, chunk_size: int = 1000) -> dict[str, torch.Tensor]:
     """``ELBO(x_i) = E_q[log p(x_i|z)] - KL(q(z|x_i) || p(z))`` split per datapoint, each ``(N,)``.
 
     ``reconstruction`` averages the model's ``log p(x_i|z_l)`` over ``num_particles`` draws
-    ``z_l ~ q(z|x_i)``; ``kl`` is analytic (Kingma & Welling 2013, eq. 10 and Appendix B). These are
-    the terms of the model as defined (a KL weight belongs to training only).
+    ``z_l ~ q(z|x_i)``; ``kl`` is analytic where it exists (Kingma & Welling 2013, eq. 10 and
+    Appendix B), else the average of ``log q(z_l|x_i) - log p(z_l)`` over the same draws (VampPrior,
+    IAF guide). These are the terms of the model as defined (a KL weight belongs to training only).
     """
-    loc, scale = vae.encoder(x)
-    q = dist.Normal(loc, scale).to_event(1)
-    z = q.sample((num_particles,))
-    reconstruction = vae.likelihood(vae.decoder(z)).log_prob(x).mean(0).cpu()
-    kl = kl_divergence(q, vae.prior()).cpu()
+    prior, terms = vae.prior(), {"reconstruction": [], "kl": []}
+    for xb in x.split(chunk_size):
+        q = vae.posterior(xb)
+        z = q.sample((num_particles,))
+        terms["reconstruction"].append(vae.likelihood(vae.decoder(z)).log_prob(xb).mean(0).cpu())
+        try:
+            kl = kl_divergence(q, prior)
+        except NotImplementedError:
+            kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
+        terms["kl"].append(kl.cpu())
+    reconstruction, kl = torch.cat(terms["reconstruction"]), torch.cat(terms["kl"])
     return {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction - kl}

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 
 from .checkpoint import replace_atomically
@@ -78,8 +77,7 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
     if x.shape[0] == 0:
         raise DataError("x is an empty batch; export at least one datapoint")
     n = x.shape[0]
-    loc, scale = vae.encoder(x)
-    z = dist.Normal(loc, scale).sample((num_draws,))
+    z = vae.posterior(x).sample((num_draws,))
     likelihood = vae.likelihood(vae.decoder(z))
     coords = {"datapoint": np.arange(n), "latent_dim": np.arange(vae.z_dim), "pixel": np.arange(x[0].numel())}
     groups = {

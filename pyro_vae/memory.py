@@ -26,6 +26,7 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
         for hook in hooks:
             hook.remove()
     per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
+    per_draw += vae.vamp_prior.log_prob_numbers if vae.vamp_prior is not None else 0
     return particles * batch * per_draw * 4 * (3 if training else 2)
 
 

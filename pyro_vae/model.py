@@ -2,12 +2,16 @@
 
 Generative model (Kingma & Welling 2013, section 3)::
 
-    z_i ~ N(0, I)                      latent site "z", event dim 1
+    z_i ~ p(z)                         latent site "z", event dim 1: N(0, I), or the VampPrior
     x_i ~ p(x | decoder(z_i))          observed site "x", the likelihood's distribution
 
 Guide (the encoder, amortized over data)::
 
-    z_i ~ N(loc(x_i), diag(scale(x_i)^2))
+    z_i ~ q(z | encoder(x_i))          N(loc(x_i), diag(scale(x_i)^2)), or that followed by an IAF
+
+The prior (:mod:`pyro_vae.priors`) and the guide's family (:mod:`pyro_vae.guides`) are chosen by
+name; the encoder and decoder may be the user's own modules (the contract is in :class:`VAE`),
+checked once at construction on a dummy batch with a leading particle dimension.
 
 Datapoints live in the plate ``"data"`` at dim -1, so any ELBO with ``max_plate_nesting=1`` can
 run them with vectorized particles at dim -2. The model is always the unweighted ``p(x, z)``: a KL
@@ -32,9 +36,13 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .guides import make_guide, posterior_center
 from .likelihoods import Likelihood, make_likelihood
-from .names import ARCHITECTURES
+from .names import ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, PRIORS
 from .networks import IMAGE_SHAPE, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from .priors import VampPrior
+
+DUMMY_BATCH = (2, 3)  # particles x datapoints: the batch that checks the networks at construction
 
 
 
@@ -47,12 +55,104 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def data_shape(x_dim, x_shape, architecture: str, own_networks: bool) -> tuple[int, ...]:
+    """The shape of one datapoint: ``x_shape``, else ``(x_dim,)`` (``(1, 28, 28)`` for the conv
+    networks, which need ``x_dim=784`` then); :class:`ConfigError` for a shape the networks cannot take."""
+    if x_shape is None:
+        x_dim = _count("x_dim", 784 if x_dim is None else x_dim)
+        if architecture == "conv" and not own_networks:
+            if x_dim != 784:
+                raise ConfigError(
+                    "the conv architecture takes images: pass x_shape=(C, H, W), or x_dim=784 for 1x28x28, "
+                    f"got x_dim={x_dim}"
+                )
+            return IMAGE_SHAPE
+        return (x_dim,)
+    if isinstance(x_shape, (str, bytes)) or not isinstance(x_shape, Iterable):
+        raise ConfigError(f"x_shape must be a tuple of sizes such as (3, 32, 32), got {x_shape!r}")
+    shape = tuple(_count("a size in x_shape", n) for n in x_shape)
+    if not shape:
+        raise ConfigError("x_shape is empty; pass the shape of one datapoint, such as (784,) or (3, 32, 32)")
+    if x_dim is not None and _count("x_dim", x_dim) != math.prod(shape):
+        size = math.prod(shape)
+        raise ConfigError(f"x_dim={x_dim} does not match x_shape {shape} ({size} values); pass only one of them")
+    if architecture == "mlp" and len(shape) != 1 and not own_networks:
+        raise ConfigError(
+            f"the mlp networks take flat vectors; for images of shape {shape} use architecture='conv' "
+            f"or x_dim={math.prod(shape)} with flattened images"
+        )
+    return shape
+
+
+def _shapes(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in value) + ")"
+    return type(value).__name__
+
+
+@torch.no_grad()
+def _dummy_call(net: nn.Module, part: str, inputs: torch.Tensor):
+    """``net(inputs)`` in eval mode (no batch statistics updated), its modes restored after."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        return net(inputs)
+    except Exception as e:  # the user's network cannot take the contract's input at all
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"the {part} fails on a batch of shape {tuple(inputs.shape)}: {reason}") from e
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+def _dummy_input(net: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    param = next(net.parameters(), None)
+    like = param if param is not None else torch.empty(())
+    return torch.full((*DUMMY_BATCH, *shape), 0.5, dtype=like.dtype, device=like.device)
+
+
+def check_encoder(encoder: nn.Module, x_shape: Sequence[int], z_dim: int, needs_context: bool) -> int:
+    """:class:`ConfigError` naming expected and actual shapes unless ``encoder`` maps a dummy batch
+    ``(2, 3, *x_shape)`` to ``(loc, scale)`` of shape ``(2, 3, z_dim)`` with ``scale > 0`` [and a
+    context ``(2, 3, context_dim)`` when ``needs_context``]; returns ``context_dim`` (0 without)."""
+    x = _dummy_input(encoder, x_shape)
+    out = _dummy_call(encoder, "encoder", x)
+    z_shape = (*DUMMY_BATCH, z_dim)
+    wanted = f"(loc, scale) of shape {z_shape} each"
+    wanted += " and a context of shape (2, 3, context_dim)" if needs_context else ""
+    ok = isinstance(out, (tuple, list)) and len(out) in ((3,) if needs_context else (2, 3))
+    ok = ok and all(isinstance(t, torch.Tensor) for t in out) and all(tuple(t.shape) == z_shape for t in out[:2])
+    ok = ok and (len(out) == 2 or (out[2].dim() == 3 and out[2].shape[:2] == DUMMY_BATCH and out[2].shape[2] >= 1))
+    if not ok:
+        raise ConfigError(f"the encoder must map x of shape {tuple(x.shape)} to {wanted}; it returned {_shapes(out)}")
+    if not torch.all(out[1] > 0):
+        raise ConfigError(
+            "the encoder's scale (its second output) must be positive; end it with softplus, "
+            "as pyro_vae.networks.positive_scale does"
+        )
+    return out[2].shape[-1] if len(out) == 3 else 0
+
+
+def check_decoder(decoder: nn.Module, z_dim: int, out_shape: Sequence[int], likelihood: Likelihood) -> None:
+    """:class:`ConfigError` naming expected and actual shapes unless ``decoder`` maps a dummy
+    ``z`` of shape ``(2, 3, z_dim)`` to ``(2, 3, *out_shape)``."""
+    z = _dummy_input(decoder, (z_dim,))
+    out = _dummy_call(decoder, "decoder", z)
+    expected = (*DUMMY_BATCH, *out_shape)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        per = f"{likelihood.num_params} value{'s' if likelihood.num_params > 1 else ''} per pixel for this likelihood"
+        returned, z_shape = _shapes(out), tuple(z.shape)
+        raise ConfigError(f"the decoder must map z of shape {z_shape} to {expected} ({per}); it returned {returned}")
+
+
 class VAE(nn.Module):
     """A variational autoencoder whose ``model`` and ``guide`` are Pyro programs.
 
     Args:
-        x_dim: pixels per datapoint (the MLP takes ``(N, x_dim)``; the conv model needs 784 and
-            takes ``(N, 1, 28, 28)``).
+        x_dim: values per datapoint for flat vectors ``(N, x_dim)`` (default 784; the conv networks
+            read ``x_dim=784`` as ``1x28x28`` images).
         z_dim: latent dimensions.
         likelihood: a name of :data:`~pyro_vae.names.LIKELIHOODS` (``"bernoulli"``,
             ``"continuous_bernoulli"``, ``"normal"``, ``"discretized_logistic"``, ...) or a
@@ -66,13 +166,27 @@ class VAE(nn.Module):
         activation: ``"softplus"``, ``"relu"``, ``"tanh"`` or ``"elu"``.
         name: prefix of the networks' entries in Pyro's parameter store (default: ``vae`` for the
             first VAE of the process, then ``vae_1``, ``vae_2``, ...).
+        x_shape: the shape of one datapoint, ``(C, H, W)`` for the conv networks (any C; H and W
+            as :func:`~pyro_vae.networks.conv_halvings` allows: 28x28, 32x32, 64x64, ...), or any
+            shape your own networks take. The model takes batches ``(N, *x_shape)``.
+        encoder: your own ``nn.Module`` instead of the built-in one: ``encoder(x)`` maps
+            ``x (..., *x_shape)`` to ``(loc, scale)``, each ``(..., z_dim)``, ``scale > 0``, and for
+            ``guide="iaf"`` to ``(loc, scale, context)`` with ``context (..., context_dim)``.
+        decoder: your own ``nn.Module``: ``decoder(z)`` maps ``z (..., z_dim)`` to the
+            likelihood's parameters, ``(..., num_params * x_shape[0], *x_shape[1:])`` (for
+            ``"bernoulli"``, 1 logit per value: ``(..., *x_shape)``). "..." is any number of leading
+            dimensions (datapoints, particles); both are checked once here on a batch ``(2, 3)``.
+        prior: ``"standard"`` (``N(0, I)``) or ``"vamp"`` (:class:`~pyro_vae.priors.VampPrior`).
+        pseudo_inputs: for ``"vamp"``: the number K of learned pseudo-inputs.
+        guide: ``"gaussian"`` or ``"iaf"`` (:class:`~pyro_vae.guides.IAFGuide`).
+        flow_steps: for ``"iaf"``: the number T of autoregressive steps.
     """
 
     _instances = itertools.count()
 
     def __init__(
         self,
-        x_dim: int = 784,
+        x_dim: int | None = None,
         z_dim: int = 20,
         likelihood: str | Likelihood = "bernoulli",
         normal_scale: str | float = "shared",
@@ -81,30 +195,54 @@ class VAE(nn.Module):
         hidden: Sequence[int] | int = (400,),
         activation: str = "softplus",
         name: str | None = None,
+        *,
+        x_shape: Sequence[int] | None = None,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        prior: str = "standard",
+        pseudo_inputs: int = DEFAULT_PSEUDO_INPUTS,
+        guide: str = "gaussian",
+        flow_steps: int = DEFAULT_FLOW_STEPS,
     ):
         super().__init__()
-        x_dim, z_dim = _count("x_dim", x_dim), _count("z_dim", z_dim)
+        z_dim = _count("z_dim", z_dim)
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+        if prior not in PRIORS:
+            raise ConfigError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+        for part, net in (("encoder", encoder), ("decoder", decoder)):
+            if net is not None and not isinstance(net, nn.Module):
+                raise ConfigError(f"{part} must be a torch.nn.Module, got {type(net).__name__}")
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, (numbers.Integral, Iterable)):
             raise ConfigError(f"hidden must be a width or a sequence of widths (positive integers), got {hidden!r}")
         hidden = tuple(_count("a hidden layer width", h) for h in ((hidden,) if isinstance(hidden, numbers.Integral) else hidden))
         if isinstance(normal_scale, bool) or (isinstance(normal_scale, numbers.Real) and not (math.isfinite(normal_scale) and normal_scale > 0)):
             raise ConfigError(f"a fixed normal_scale must be a positive finite number, got {normal_scale!r}")
-        if architecture == "conv" and x_dim != 784:
-            raise ConfigError(f"the conv architecture is built for 1x28x28 images (x_dim=784), got x_dim={x_dim}")
-        self.x_shape = IMAGE_SHAPE if architecture == "conv" else (x_dim,)
+        own_networks = encoder is not None and decoder is not None
+        self.x_shape = data_shape(x_dim, x_shape, architecture, own_networks)
         self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale, mixture_components)
         if self.likelihood.x_shape != self.x_shape:
             raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")
         # the decoder emits num_params values per pixel (per channel for images)
-        if architecture == "conv":
-            width = hidden[0] if hidden else 256
-            self.encoder = ConvEncoder(z_dim, width, activation)
-            self.decoder = ConvDecoder(z_dim, self.likelihood.num_params * IMAGE_SHAPE[0], width, activation)
+        out_shape = (self.likelihood.num_params * self.x_shape[0], *self.x_shape[1:])
+        width = hidden[0] if hidden else 256
+        context_dim = z_dim if guide == "iaf" else 0  # the built-in encoder's context h(x)
+        if encoder is not None:
+            context_dim = check_encoder(encoder, self.x_shape, z_dim, needs_context=guide == "iaf")
+        elif architecture == "conv":
+            encoder = ConvEncoder(z_dim, width, activation, image_shape=self.x_shape, context_dim=context_dim)
         else:
-            self.encoder = MLPEncoder(x_dim, z_dim, hidden, activation)
-            self.decoder = MLPDecoder(z_dim, self.likelihood.num_params * x_dim, hidden, activation)
+            encoder = MLPEncoder(self.x_shape[0], z_dim, hidden, activation, context_dim=context_dim)
+        if decoder is not None:
+            check_decoder(decoder, z_dim, out_shape, self.likelihood)
+        elif architecture == "conv":
+            decoder = ConvDecoder(z_dim, out_shape[0], width, activation, image_size=self.x_shape[1:])
+        else:
+            decoder = MLPDecoder(z_dim, out_shape[0], hidden, activation)
+        self.encoder, self.decoder = encoder, decoder
+        self.guide_family = make_guide(guide, z_dim, flow_steps, context_dim or None)
+        self.vamp_prior = VampPrior(self.x_shape, z_dim, pseudo_inputs) if prior == "vamp" else None
+        self.prior_name, self.guide_name = prior, guide
         self.z_dim = z_dim
         number = next(self._instances)
         self.name = name if name is not None else ("vae" if number == 0 else f"vae_{number}")
@@ -112,8 +250,15 @@ class VAE(nn.Module):
         self.register_buffer("prior_scale", torch.ones(z_dim))
 
     def prior(self) -> dist.TorchDistribution:
-        """``p(z) = N(0, I)``, built from buffers so it lives on the module's device."""
+        """``p(z)``: ``N(0, I)`` built from buffers (so it lives on the module's device), or the
+        VampPrior's mixture of the encoder's Gaussians at the pseudo-inputs."""
+        if self.vamp_prior is not None:
+            return self.vamp_prior(self.encoder)
         return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``q(z|x)`` for a batch ``x`` (no checks, no Pyro sites): batch shape ``x.shape[:-len(x_shape)]``."""
+        return self.guide_family(*self.encoder(x))
 
     def pyro_module(self, part: str, module: nn.Module) -> None:
         """``pyro.module`` under this VAE's name; refuse a store entry that belongs to another module."""
@@ -165,31 +310,34 @@ class VAE(nn.Module):
         """``p(x, z) = p(z) p(x|z)`` for the batch ``x``, or ``batch_size`` fresh draws when ``x`` is None."""
         self.pyro_module("decoder", self.decoder)
         self.pyro_module("likelihood", self.likelihood)
+        if self.vamp_prior is not None:  # p(z) reads the encoder at the pseudo-inputs
+            self.pyro_module("prior", self.vamp_prior)
+            self.pyro_module("encoder", self.encoder)
         if x is not None:
             self.check_data(x)
+        prior = self.prior()  # once per call, outside the plate: the data and particles broadcast it
         with self.data_plate(batch_size if x is None else x.shape[0], num_data, subsample_size) as idx:
-            z = pyro.sample("z", self.prior())
+            z = pyro.sample("z", prior)
             x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
-        """``q(z|x) = N(z; loc(x), diag(scale(x)^2))`` from the encoder."""
+        """``q(z|x)`` from the encoder: ``N(z; loc(x), diag(scale(x)^2))``, then the flow for ``"iaf"``."""
         self.pyro_module("encoder", self.encoder)
+        self.pyro_module("guide", self.guide_family)
         self.check_data(x)  # SVI runs the guide first: refuse bad data before anything else
         with self.data_plate(x.shape[0], num_data, subsample_size) as idx:
             x_batch = x if subsample_size is None else x.index_select(0, idx)
-            loc, scale = self.encoder(x_batch)
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", self.posterior(x_batch))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of ``p(x|z)`` at the encoder's mean ``z = loc(x)``."""
+        """Mean of ``p(x|z)`` at the centre of ``q(z|x)``: ``z = loc(x)``, carried through the flow for ``"iaf"``."""
         with pyro.validation_enabled(False):  # shape, dtype, device; any values in the pixel range are fine
             self.check_data(x)
         if not torch.isfinite(x).all():
             raise DataError("x has NaN or infinite values")
-        loc, _ = self.encoder(x)
-        return self.likelihood(self.decoder(loc)).mean
+        return self.likelihood(self.decoder(posterior_center(self.posterior(x)))).mean
 
     @torch.no_grad()
     def generate(self, n: int) -> torch.Tensor:
@@ -203,6 +351,10 @@ def build_vae(config) -> VAE:
     return VAE(
         x_dim=math.prod(IMAGE_SHAPE),
         z_dim=config.z_dim,
+        prior=config.prior,
+        pseudo_inputs=config.pseudo_inputs,
+        guide=config.guide,
+        flow_steps=config.flow_steps,
         likelihood=config.likelihood,
         normal_scale=config.normal_scale,
         mixture_components=config.mixture_components,

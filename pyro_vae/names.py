@@ -18,6 +18,11 @@ LIKELIHOODS = tuple(DATA_KINDS)
 NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
 MAX_MIXTURE_COMPONENTS = 100  # logistics per pixel; PixelCNN++ uses 10, more is a typo rather than a model
 LIKELIHOOD_OPTIONS = {"normal_scale": "normal", "mixture_components": "discretized_logistic_mixture"}  # setting -> the one likelihood that reads it
+PRIORS = ("standard", "vamp")  # p(z): N(0, I), or the VampPrior (pyro_vae.priors)
+GUIDES = ("gaussian", "iaf")  # q(z|x): a diagonal Gaussian, or one followed by an inverse autoregressive flow
+DEFAULT_PSEUDO_INPUTS, DEFAULT_FLOW_STEPS = 500, 2
+# setting -> (the field that chooses, the one choice that reads the setting)
+LATENT_OPTIONS = {"pseudo_inputs": ("prior", "vamp"), "flow_steps": ("guide", "iaf")}
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 TRAIN_ESTIMATORS = ("trace", "meanfield", "iwae")  # renyi tempers its weights under minibatch scaling: compare only
 ARCHITECTURES = ("mlp", "conv")

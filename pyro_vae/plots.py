@@ -260,7 +260,7 @@ def draw_run_figures(vae, test_batches, metrics, folder, dataset: str, seed: int
     x, _ = next(test_batches.eval_batches())
     plot_reconstructions(x[:32].cpu(), vae.reconstruct(x[:32]).cpu(), folder / "reconstructions.png")
     with seeded(vae.prior_loc.device, seed):
-        plot_image_grid(vae.generate(64).cpu(), folder / "samples.png", title="samples from the prior: mean of p(x|z), z ~ N(0, I)")
+        plot_image_grid(vae.generate(64).cpu(), folder / "samples.png", title="samples from the prior: mean of p(x|z), z ~ p(z)")
     if vae.z_dim == 2:
         decode = lambda z: vae.likelihood(vae.decoder(z.to(vae.prior_loc))).mean.reshape(z.shape[0], -1).cpu()
         plot_latent_manifold(decode, folder / "manifold.png")

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .networks import MIN_SCALE
 
 
@@ -97,9 +98,22 @@ def _discretized_log_mass(cdf, x: torch.Tensor, loc: torch.Tensor, raw: torch.Te
     return torch.log(mass).to(raw.dtype)
 
 
+def check_reference_applies(vae) -> None:
+    """:class:`ConfigError` unless ``vae`` has the standard prior and the Gaussian guide, the model
+    :func:`reference_elbo` is written for."""
+    if vae.prior_name != "standard" or vae.guide_name != "gaussian":
+        chosen = f"prior {vae.prior_name!r} and guide {vae.guide_name!r}"
+        raise ConfigError(
+            f"the reference ELBO is written for prior 'standard' and guide 'gaussian', not {chosen}; "
+            "compare the Pyro estimators without 'reference' (--estimators trace meanfield iwae)"
+        )
+
+
 def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0) -> torch.Tensor:
     """Per-datapoint ``ELBO_beta``, shape ``(N,)``, differentiable, ``beta = kl_weight``; ``eps`` is
-    drawn as one ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are."""
+    drawn as one ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are.
+    Written for the standard prior and the Gaussian guide (:func:`check_reference_applies`)."""
+    check_reference_applies(vae)
     loc, scale = vae.encoder(x)
     eps = torch.empty((num_particles, *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
     z = loc + scale * eps

@@ -271,8 +271,8 @@ def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
         detail = " ".join(str(e).split()).replace("Error(s) in loading state_dict for VAE: ", "")
         raise ConfigError(f"{source} holds weights that do not fit its own configuration ({detail[:300]}); the run folder is damaged: train again") from e
     with torch.no_grad():  # finite weights can still overflow: refuse a model that cannot score an image
-        loc, scale = vae.encoder(vae.prior_loc.new_full((1, *vae.x_shape), 0.5))
-        outputs = (loc, scale, vae.decoder(loc))
+        encoded = vae.encoder(vae.prior_loc.new_full((1, *vae.x_shape), 0.5))
+        outputs = (*encoded, vae.decoder(encoded[0]))
     if not all(torch.isfinite(t).all() for t in outputs):
         raise ConfigError(f"{source} holds weights whose outputs are not finite; the run diverged or the file is damaged: train again with a lower --lr")
     return vae
