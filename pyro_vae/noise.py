@@ -22,9 +22,11 @@ class UnsuppliableNoise(Exception):
     """A random site whose draws a handler cannot supply; the message says which and why."""
 
 
-def reparameterized_normal(msg: dict) -> torch.distributions.Normal | None:
-    """The Normal whose ``loc + eps * scale`` gives this sample site's value, or ``None`` when the
-    site draws nothing (observed, already valued, or a plate that does not subsample).
+def reparameterized_normal(msg: dict) -> tuple[torch.distributions.Normal, list] | None:
+    """The Normal and the transforms whose ``t_T(...t_1(loc + eps * scale))`` gives this sample
+    site's value (no transforms for a plain Normal; a flow's for a ``TransformedDistribution`` of a
+    Normal, such as the IAF guide), or ``None`` when the site draws nothing (observed, already
+    valued, or a plate that does not subsample).
 
     Raises :class:`UnsuppliableNoise` for any other random site: a subsampling plate, a
     non-Normal distribution, or a Normal subclass with its own ``rsample``.
@@ -36,13 +38,17 @@ def reparameterized_normal(msg: dict) -> torch.distributions.Normal | None:
         if fn.subsample_size is None or fn.subsample_size == fn.size:
             return None
         raise UnsuppliableNoise(f"plate {name!r} subsamples at random; pass the minibatch with num_data instead of subsample_size")
-    base = fn
-    while isinstance(base, torch.distributions.Independent):
+    base, transforms = fn, []
+    while isinstance(base, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
+        if isinstance(base, torch.distributions.TransformedDistribution):
+            if type(base).rsample is not torch.distributions.TransformedDistribution.rsample:
+                break
+            transforms = list(base.transforms) + transforms
         base = base.base_dist
     # a Normal whose rsample is torch's loc + eps * scale (pyro.distributions.Normal included)
     if not isinstance(base, torch.distributions.Normal) or type(base).rsample is not torch.distributions.Normal.rsample or msg["args"] or msg["kwargs"]:
-        raise UnsuppliableNoise(f"sample site {name!r} ({type(fn).__name__}) draws noise that cannot be supplied; only reparameterized Normal sites can")
-    return base
+        raise UnsuppliableNoise(f"sample site {name!r} ({type(fn).__name__}) draws noise that cannot be supplied; only reparameterized Normal sites (and flows of them) can")
+    return base, transforms
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class NoiseSpec:
 
 
 class SuppliedNoise(Messenger):
-    """Give each random reparameterized Normal site the value ``loc + eps * scale``.
+    """Give each random reparameterized Normal site the value ``loc + eps * scale`` (pushed through
+    its flow's transforms, if it has any).
 
     ``eps=None``: draw ``eps`` as eager ``rsample`` would (for the global batch with ``rows``),
     recording each draw's :class:`NoiseSpec` in ``specs``; otherwise take ``eps`` in turn from the
@@ -94,14 +101,15 @@ class SuppliedNoise(Messenger):
         shape = tuple(fn.batch_shape) + tuple(fn.event_shape) if hasattr(fn, "batch_shape") else ()
         self.sites.append((msg["type"], msg["name"], type(fn).__name__, bool(msg["is_observed"]), shape))
         try:
-            base = reparameterized_normal(msg)
+            found = reparameterized_normal(msg)
         except UnsuppliableNoise as e:
             if self.eps is not None or self.rows is not None:
                 raise
             self.problem = self.problem or str(e)
             return
-        if base is None:
+        if found is None:
             return
+        base, transforms = found
         if self.eps is None:
             spec = self._spec(msg, shape, base)
             self.specs.append(spec)
@@ -113,7 +121,10 @@ class SuppliedNoise(Messenger):
             if tuple(eps.shape) != shape:
                 raise UnsuppliableNoise(f"sample site {msg['name']!r} has shape {shape} now, {tuple(eps.shape)} in the recording run")
         self.used += 1
-        msg["value"] = base.loc + eps * base.scale
+        value = base.loc + eps * base.scale
+        for transform in transforms:  # as TransformedDistribution.rsample applies them
+            value = transform(value)
+        msg["value"] = value
 
     def _spec(self, msg, shape: tuple[int, ...], base) -> NoiseSpec:
         """The draw of this site: its own shape, or the global batch's in the plate's dimension."""

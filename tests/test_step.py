@@ -121,6 +121,25 @@ def test_traced_step_equals_eager_pyro_elbo(architecture, estimator, likelihood,
     assert len(step.graphs) == 1
 
 
+@pytest.mark.parametrize("prior,guide", [("vamp", "gaussian"), ("standard", "iaf"), ("vamp", "iaf")])
+def test_vamp_prior_and_iaf_guide_trace_to_the_eager_elbo_and_shard_by_rows(prior, guide):
+    torch.manual_seed(0)
+    vae = VAE(x_dim=6, z_dim=2, hidden=(5,), prior=prior, pseudo_inputs=3, guide=guide).double()
+    x = make_batch(vae, n=5)
+    eager = eager_loss_and_grads(vae, "meanfield", 2, x, KL_WEIGHT)
+    step = TrainingStep(vae, "meanfield", 2, mode="traced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # the flow's noise is a graph input like the Normal's
+        assert_same(eager, graph_loss_and_grads(step, x, KL_WEIGHT))
+    assert step.describe() == "traced"
+    # rows of the global batch: the noise drawn for all 5 rows, so the two shards' losses sum to the batch's
+    shards = []
+    for rows in [(0, 2), (2, 5)]:
+        torch.manual_seed(5)
+        shards.append(step(x, KL_WEIGHT, rows=rows))
+    torch.testing.assert_close(sum(shards), eager[0], rtol=1e-9, atol=0)
+
+
 def test_unvectorized_particles_draw_in_the_same_order():
     vae = make_vae()
     x = make_batch(vae)
