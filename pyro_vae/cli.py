@@ -161,12 +161,20 @@ def train_command(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
+def warn_if_config_edited(run, options: str) -> None:
+    """One stderr line when the run's config.json disagrees with its checkpoint, whose settings are
+    used; ``options``: the command's own options that change a setting of the run."""
+    if run.config_file_note:
+        print(f"pyro-vae: warning: {run.config_file_note}; the checkpoint's settings are used; to change where it runs, pass {options}", file=sys.stderr)
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     from .diagnostics import save_inference_data, to_inference_data
     from .evaluate import evaluate_model
     from .run import load_run, strict_json
 
     run = load_run(args.run_dir, args.device)
+    warn_if_config_edited(run, "--data-dir or --device")
     with run.folder.locked("evaluate"):
         test = run.test_split(args.data_dir, args.allow_different_data)
         result = evaluate_model(run.vae, test, run.config.seed, args.num_samples, args.chunk_size, keep_log_weights=args.idata_points, progress=not args.no_progress)
@@ -198,21 +206,24 @@ def compare_command(args: argparse.Namespace) -> int:
 
     from . import compare
     from .linear_gaussian import linear_gaussian_vae
-    from .run import check_step_memory, load_run
+    from .run import RunFolder, check_step_memory, load_run
 
+    out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
+    if args.run_dir is not None:
+        RunFolder(args.run_dir).check_output(out)
     torch.set_num_threads(args.threads)
     if args.run_dir is None:
         vae, x, exact = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
         name, title = "linear_gaussian", f"linear-Gaussian VAE, {len(x)} datapoints, exact log p(x) known"
     else:
         run = load_run(args.run_dir, "cpu")
+        warn_if_config_edited(run, "--data-dir")
         vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
         name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
     check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data")
     torch.manual_seed(args.seed)
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
-    out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
     print(compare.format_table(rows))
     # both written atomically: a symlink there is replaced, never followed
     csv_path = compare.write_csv(rows, out / f"{name}.csv")
@@ -225,10 +236,12 @@ def sample_command(args: argparse.Namespace) -> int:
     import torch
 
     from .plots import plot_image_grid
-    from .run import load_run
+    from .run import RunFolder, load_run
 
-    run = load_run(args.run_dir, args.device)
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
+    RunFolder(args.run_dir).check_output(out)
+    run = load_run(args.run_dir, args.device)
+    warn_if_config_edited(run, "--device")
     torch.manual_seed(args.seed)
     inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():

@@ -89,6 +89,12 @@ class Trainer:
         """The checkpoint to resume and its trained VAE (on the CPU), both checked; the run's
         configuration must match the checkpoint's in every field that defines the model."""
         state, saved_config, vae = self.folder.load_checked()
+        edited = self.folder.config_file_disagreement(state["config"])
+        if edited:  # resuming would write the checkpoint's settings over the edit
+            raise ConfigError(
+                f"cannot resume {self.folder.path}: {edited}; give a changed setting as an option instead (those that may "
+                f"change: {', '.join('--' + f.replace('_', '-') for f in TrainConfig.RUNTIME_FIELDS)}), or delete config.json to resume as saved"
+            )
         saved = saved_config.identity()
         changed = {k: (saved[k], v) for k, v in self.config.identity().items() if saved.get(k) != v}
         if changed:

@@ -1,0 +1,117 @@
+"""Issue 24: outputs that cannot clobber a run, labels that say what they are, memory that is counted.
+
+Every refusal on the command line is one stderr line ``pyro-vae: error: ...`` and exit status 2,
+with every file of the run folder byte-identical afterwards (the helpers of
+:mod:`tests.test_run_folder_faults`: one small run trained per module, copied for each test).
+"""
+
+import json
+
+import pytest
+import torch
+
+from pyro_vae.run import RunFolder
+
+from .test_run_folder_faults import TINY, Folder, data, folder, refused, succeeds, trained  # noqa: F401 - fixtures
+
+# ------------------------------------------------------------- 1: outputs that replace the run's files
+
+
+def test_sample_out_never_replaces_a_file_of_the_run(folder, capsys):
+    names = sorted(p.name for p in folder.path.iterdir()) + [".x.tmp", ".config.json.previous.tmp", "evaluation-data-0123.json"]
+    assert {"checkpoint.pt", ".lock", "inference_data.nc"} <= set(names)
+    for name in names:
+        out = folder.path / name
+        refused(capsys, ["sample", folder.path, "--out", out], f"--out {out} would replace {name}, one of the run's own files")
+    roundabout = folder.path.parent / "." / "run" / ".." / "run" / "checkpoint.pt"
+    refused(capsys, ["sample", folder.path, "--out", roundabout], "would replace checkpoint.pt")
+    refused(capsys, ["sample", folder.path, "--out", folder.path], f"--out {folder.path} is the run folder")
+    folder.assert_unchanged()
+
+
+def test_sample_out_through_a_link_to_the_run_folder_is_refused(folder, capsys):
+    link = folder.path.parent / "link"
+    link.symlink_to(folder.path)
+    refused(capsys, ["sample", link, "--out", folder.path / "metrics.jsonl"], "would replace metrics.jsonl")
+    refused(capsys, ["sample", folder.path, "--out", link / "config.json"], "would replace config.json")
+    folder.assert_unchanged()
+
+
+def test_sample_out_with_a_new_name_in_the_run_folder_is_written(folder, capsys):
+    out = succeeds(capsys, ["sample", folder.path, "--num", "4", "--device", "cpu", "--out", folder.path / "mine.png"])
+    assert "written" in out and (folder.path / "mine.png").stat().st_size > 0
+    (folder.path / "mine.png").unlink()
+    folder.assert_unchanged()
+
+
+def test_compare_out_is_never_the_run_folder_or_one_of_its_files(folder, capsys):
+    refused(capsys, ["compare", folder.path, "--out", folder.path, "--repeats", "2", "--particles", "1"], f"--out {folder.path} is the run folder")
+    out = folder.path / "checkpoint.pt"
+    refused(capsys, ["compare", folder.path, "--out", out, "--repeats", "2", "--particles", "1"], "would replace checkpoint.pt")
+    folder.assert_unchanged()
+
+
+# ---------------------------------------------------------- 2: config.json and checkpoint disagree
+
+
+def edit_config(folder, **changes):
+    path = folder.path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+    folder.remember()
+
+
+def test_evaluate_and_sample_say_that_config_json_disagrees_and_use_the_checkpoint(folder, capsys):
+    edit_config(folder, lr=0.5, z_dim=7)
+    for argv in (["evaluate", folder.path, "--num-samples", "2", "--idata-points", "2", "--device", "cpu", "--no-progress"],
+                 ["sample", folder.path, "--num", "4", "--device", "cpu", "--out", folder.path.parent / "s.png"]):
+        capsys.readouterr()
+        assert main_ok(argv)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pyro-vae: warning:")]
+        assert len(warnings) == 1, warnings
+        assert "config.json disagrees with its checkpoint (z_dim: 2 in the checkpoint, 7 in config.json, lr: 0.001 in the checkpoint, 0.5 in config.json)" in warnings[0]
+    assert json.loads((folder.path / "config.json").read_text())["z_dim"] == 7  # the edit is the user's: kept
+
+
+def main_ok(argv) -> bool:
+    from pyro_vae.cli import main
+
+    return main([str(a) for a in argv]) == 0
+
+
+@pytest.mark.parametrize("text,fragment", [
+    (None, "lr: 0.001 in the checkpoint, 0.01 in config.json"),
+    ("{not json", "config.json cannot be read as JSON"),
+    ("[1, 2]", "config.json is not a mapping of settings"),
+])
+def test_resume_refuses_to_overwrite_an_edited_config_json(folder, data, capsys, text, fragment):
+    if text is None:
+        edit_config(folder, lr=0.01)
+    else:
+        (folder.path / "config.json").write_text(text)
+        folder.remember()
+    argv = ["train", "--resume", "--run-dir", folder.path, "--data-dir", data / "idx", "--no-progress", "--epochs", "2"]
+    refused(capsys, argv, "cannot resume", fragment, "or delete config.json to resume as saved")
+    folder.assert_unchanged()
+
+
+def test_a_config_json_that_agrees_or_is_absent_says_nothing(folder):
+    state = folder.state()
+    assert RunFolder(folder.path).config_file_disagreement(state["config"]) is None
+    (folder.path / "config.json").unlink()
+    assert RunFolder(folder.path).config_file_disagreement(state["config"]) is None
+
+
+@pytest.mark.parametrize("part", ["model", "optimizer"])
+def test_a_checkpoint_tensor_of_the_wrong_dtype_is_refused_like_a_wrong_shape(folder, capsys, part):
+    state = folder.state()
+    if part == "model":
+        name = next(iter(state["model"]))
+        state["model"][name] = state["model"][name].double()
+        fragment = f"{name} is torch.float64, the model's torch.float32"
+    else:
+        entries = state["optimizer"]["state"][0]
+        entries["exp_avg"] = entries["exp_avg"].double()
+        fragment = "exp_avg is torch.float64, its parameter torch.float32"
+    folder.save_state(state)
+    refused(capsys, ["evaluate", folder.path, "--num-samples", "2", "--device", "cpu", "--no-progress"], fragment, "the run folder is damaged")
+    folder.assert_unchanged()
