@@ -3,7 +3,8 @@
 Each step minimizes ``-ELBO_beta`` of a minibatch (:func:`~pyro_vae.objective.elbo_loss`, one of
 :func:`~pyro_vae.make_elbo`'s estimators, ``beta`` the KL weight of annealing) with Adam on the
 VAE's parameters; a step whose loss or gradient is not finite is skipped. Every epoch appends the
-train ELBO and the test ELBO of the model as defined (never weighted) to ``metrics.jsonl``,
+train ELBO and the test ELBO of the model as defined (never weighted; while the KL weight is not 1,
+the weighted objective too, as ``train_objective``) to ``metrics.jsonl``,
 rewrites ``checkpoint.pt`` and redraws the figures, so a run stopped at any moment can be resumed
 (:mod:`pyro_vae.run`) and has something to show.
 
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
+from torch.distributions import kl_divergence
 
 from . import distributed
 from .data import load_dataset
@@ -31,6 +34,7 @@ from .errors import ConfigError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
 from .model import VAE
+from .objective import elbo_loss
 from .config import TrainConfig
 from .run import RunFolder, build_vae, check_same_data, data_identity, split_batches
 from .runtime import rng_state, set_rng_state
@@ -126,15 +130,35 @@ class Trainer:
         self.optimizer.step()
         return loss
 
+    @torch.no_grad()
+    def objective_gap(self, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        """``ELBO_beta - ELBO`` of the batch ``x`` (summed) with the parameters before the step, so that
+        ``-(loss + gap)`` is the ELBO of the step whose loss is ``-ELBO_beta``. For ``trace`` and
+        ``meanfield`` it is ``(1 - beta) KL(q(z|x) || p(z))`` (:mod:`pyro_vae.objective`), the KL analytic
+        from one encoder pass: the very KL of the meanfield loss (exact), an unbiased stand-in for the
+        Monte Carlo KL of ``trace``. The IWAE bound is not linear in beta: it is evaluated at 1 and at
+        beta on the draws the step will make (torch's RNG restored after each)."""
+        if self.config.estimator == "iwae":
+            losses = []
+            for weight in (kl_weight, 1.0):
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), pyro.validation_enabled(False):
+                    losses.append(elbo_loss(self.elbo, self.vae.model, self.vae.guide, x, weight))
+            return losses[1] - losses[0]
+        loc, scale = self.vae.encoder(x)
+        return (1 - kl_weight) * kl_divergence(dist.Normal(loc, scale).to_event(1), self.vae.prior()).sum()
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training split; returns the epoch's training metrics."""
+        """One pass over the training split; returns the epoch's training metrics: ``train_elbo``,
+        the ELBO of the steps' batches, and, if the KL weight was not 1, ``train_objective``,
+        their ``ELBO_beta``, the objective the steps maximized (both nats per image)."""
         from tqdm.auto import tqdm
 
         self.vae.train()
-        total, count, skipped, weight = torch.zeros((), device=self.device), 0, 0, 1.0
+        total, objective, count, skipped, weight, weighted = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0, 0, 1.0, False
         bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True, leave=False)
         for step, (x, _) in enumerate(bar):
             weight = self.kl_weight(epoch, step)
+            gap = self.objective_gap(x, weight) if weight != 1 else None  # before the step changes the parameters
             loss = self.train_step(x, weight)
             if loss is None:
                 skipped, self.bad_in_a_row = skipped + 1, self.bad_in_a_row + 1
@@ -142,13 +166,16 @@ class Trainer:
                     raise self.diverged(f"{self.bad_in_a_row} training steps in a row gave a non-finite loss or gradient (epoch {epoch + 1}, step {step + 1})")
                 continue
             self.bad_in_a_row = 0
-            total += loss
+            objective += loss
+            total += loss if gap is None else loss + gap
+            weighted |= gap is not None
             count += x.shape[0]
             if self.progress and step % 50 == 0:
                 bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
         if count == 0:
             raise self.diverged(f"no training step of epoch {epoch + 1} gave a finite loss and gradient")
-        return {"train_elbo": -(total / count).item(), "skipped_steps": skipped, "kl_weight": weight}
+        weighted_objective = {"train_objective": -(objective / count).item()} if weighted else {}
+        return {"train_elbo": -(total / count).item(), **weighted_objective, "skipped_steps": skipped, "kl_weight": weight}
 
     def diverged(self, what: str) -> NumericalError:
         last = f"the last good checkpoint is {self.folder.checkpoint_path}" if self.folder.checkpoint_path.exists() else "no checkpoint was written"
@@ -171,7 +198,8 @@ class Trainer:
                 with self.parallel.all_or_none("save the checkpoint"):  # the other ranks wait for rank 0's save
                     self.save()
                 if self.progress:
-                    print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image", flush=True)
+                    annealed = f"  (KL-weighted objective {row['train_objective']:.2f}, KL weight {row['kl_weight']:.3g})" if "train_objective" in row else ""
+                    print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image{annealed}", flush=True)
             return self.metrics
         except distributed.DistributedError as e:
             raise self.parallel.explain_failure(e, self.folder.checkpoint_path) from e
