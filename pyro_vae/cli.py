@@ -176,15 +176,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.device)
     warn_if_config_edited(run, "--data-dir or --device")
     with run.folder.locked("evaluate"):
-        test = run.test_split(args.data_dir, args.allow_different_data)
+        test, data = run.test_data(args.data_dir, args.allow_different_data)
+        json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
         result = evaluate_model(run.vae, test, run.config.seed, args.num_samples, args.chunk_size, keep_log_weights=args.idata_points, progress=not args.no_progress)
         n_idata = result.log_weights.shape[1]
-        idata = to_inference_data(run.vae, test.full()[:n_idata], log_weights=result.log_weights, training_metrics=run.metrics)
-        summary = {**result.summary(), "epochs": len(run.metrics)}
+        idata = to_inference_data(run.vae, test.full()[:n_idata], log_weights=result.log_weights, training_metrics=run.metrics, attrs={f"data_{k}": v for k, v in data.items()})
+        summary = {**result.summary(), "epochs": len(run.metrics), "data": data}
         text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
-        with run.folder.all_or_none("inference_data.nc"):  # the two files describe one evaluation: both replaced, or neither
-            save_inference_data(idata, run.folder / "inference_data.nc")
-            run.folder.write_text("evaluation.json", text)
+        with run.folder.all_or_none(idata_path.name):  # the two files describe one evaluation: both replaced, or neither
+            save_inference_data(idata, idata_path)
+            run.folder.write_text(json_path.name, text)
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch {len(run.metrics)})")
     print(f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent estimate)")
@@ -197,7 +198,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if ll.warning():
         print(f"warning: {ll.warning()}")
     print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
-    print(f"written: {run.folder / 'evaluation.json'}, {run.folder / 'inference_data.nc'} (arviz.from_netcdf), {n_idata} images exported")
+    other = "" if json_path.name == "evaluation.json" else f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
+    print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
     return 0
 
 

@@ -133,7 +133,7 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None) -> "az.InferenceData":
+def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None) -> "az.InferenceData":
     """The VAE's fit to the batch ``x`` as :class:`arviz.InferenceData` (one chain).
 
     Groups, with coordinates ``chain = [0]``, ``draw``, ``datapoint``, ``latent_dim``, ``pixel``
@@ -150,6 +150,9 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
     * ``training`` (when ``training_metrics``, a list of per-epoch dicts with an ``"epoch"`` key, is
       given): every other key as a variable over ``epoch``. A custom group too: the trace is per
       epoch of optimization, not per posterior draw, so it does not belong in ``sample_stats``.
+
+    ``attrs``: attributes of the whole object (``pyro-vae evaluate`` records the data's source and
+    fingerprint), kept by :func:`save_inference_data`.
     """
     if num_draws < 1:
         raise ConfigError(f"num_draws must be positive, got {num_draws}")
@@ -172,7 +175,7 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
         groups["training"] = training_group(training_metrics)
     import arviz as az
 
-    return az.InferenceData(**groups)
+    return az.InferenceData(attrs=attrs, **groups)
 
 
 def save_inference_data(idata: "az.InferenceData", path: str | PathLike) -> str:

@@ -270,18 +270,18 @@ class RunFolder:
         return f"{path} disagrees with its checkpoint ({detail})"
 
     def mark_evaluation_stale(self, epochs: int) -> None:
-        """Flag an ``evaluation.json`` that describes an earlier checkpoint than the one of ``epochs``."""
-        path = self.path / "evaluation.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        if not (isinstance(record, dict) and record.get("epochs", epochs) < epochs):
-            return
-        note = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
-        if record.get("stale") != note:  # each new checkpoint updates the epoch it names
-            record["stale"] = note
-            self.write_text("evaluation.json", json.dumps(record, indent=2) + "\n")
+        """Flag each ``evaluation*.json`` that describes an earlier checkpoint than the one of ``epochs``."""
+        for path in sorted(self.path.glob("evaluation*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(record, dict) and record.get("epochs", epochs) < epochs):
+                continue
+            note = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+            if record.get("stale") != note:  # each new checkpoint updates the epoch it names
+                record["stale"] = note
+                self.write_text(path.name, json.dumps(record, indent=2) + "\n")
 
     def is_fresh_for(self, config: TrainConfig) -> bool:
         """Absent, empty, or holding only this very config (a run stopped before its first
@@ -348,9 +348,22 @@ class SavedRun:
     def test_split(self, data_dir: str | None = None, allow_different_data: bool = False) -> DeviceBatches:
         """The run's test split on the VAE's device, from its own data folder or ``data_dir``;
         refused if the data are not those the run was trained on (unless ``allow_different_data``)."""
+        return self.test_data(data_dir, allow_different_data)[0]
+
+    def test_data(self, data_dir: str | None = None, allow_different_data: bool = False) -> tuple[DeviceBatches, dict[str, str]]:
+        """:meth:`test_split` and the identity (:func:`data_identity`) of the data it was read from."""
         dataset = load_dataset(self.config.dataset, data_dir if data_dir is not None else self.config.data_dir, self.config.download)
-        check_same_data(self.folder.path, self.data, data_identity(dataset), allow_different_data)
-        return split_batches(self.config, dataset, "test", self.vae.prior_loc.device)
+        found = data_identity(dataset)
+        check_same_data(self.folder.path, self.data, found, allow_different_data)
+        return split_batches(self.config, dataset, "test", self.vae.prior_loc.device), found
+
+    def evaluation_paths(self, found: dict[str, str]) -> tuple[Path, Path]:
+        """Where ``pyro-vae evaluate`` writes its results on the data ``found``: ``evaluation.json`` and
+        ``inference_data.nc`` for the run's own data (the same fingerprint), else
+        ``evaluation-on-<fingerprint>.json`` and ``inference_data-on-<fingerprint>.nc``, so that results
+        on other data never replace those on the run's own."""
+        suffix = "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
+        return self.folder / f"evaluation{suffix}.json", self.folder / f"inference_data{suffix}.nc"
 
 
 def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:

@@ -163,3 +163,26 @@ def test_an_unannealed_epoch_logs_no_separate_objective(tmp_path, data, capsys):
     assert main(["train", *TINY, "--epochs", "2", "--kl-anneal-epochs", "1", "--data-dir", str(data / "idx"), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "train_objective" in rows[0] and "train_objective" not in rows[1] and rows[1]["kl_weight"] == 1.0
+
+
+# ----------------------------------------------------------------- 4: results on other data
+
+
+def test_evaluate_on_other_data_never_replaces_the_runs_own_results_and_every_file_names_its_data(folder, data, capsys):
+    import arviz
+
+    own_data = folder.state()["data"]
+    argv = ["evaluate", folder.path, "--num-samples", "2", "--idata-points", "3", "--device", "cpu", "--no-progress"]
+    out = succeeds(capsys, [*argv, "--data-dir", data / "other", "--allow-different-data"])
+    fp = json.loads(next(folder.path.glob("evaluation-on-*.json")).read_text())["data"]["fingerprint"]
+    assert sorted(set(folder.files()) - set(folder.before)) == [f"evaluation-on-{fp}.json", f"inference_data-on-{fp}.nc"]
+    assert fp != own_data["fingerprint"] and "the run's own evaluation.json is left as it was" in out
+    for name, content in folder.before.items():  # evaluation.json and inference_data.nc included
+        assert folder.files()[name] == content, name
+    assert json.loads((folder.path / f"evaluation-on-{fp}.json").read_text())["data"]["source"].endswith(str(data / "other"))
+    assert arviz.from_netcdf(folder.path / f"inference_data-on-{fp}.nc").attrs["data_fingerprint"] == fp
+
+    succeeds(capsys, argv)  # the run's own data: its own files, which say so too
+    assert json.loads((folder.path / "evaluation.json").read_text())["data"] == own_data
+    attrs = arviz.from_netcdf(folder.path / "inference_data.nc").attrs
+    assert (attrs["data_source"], attrs["data_fingerprint"]) == (own_data["source"], own_data["fingerprint"])
