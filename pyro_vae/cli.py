@@ -170,7 +170,7 @@ def warn_if_config_edited(run, options: str) -> None:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from .diagnostics import save_inference_data, to_inference_data
-    from .evaluate import evaluate_model
+    from .evaluate import MIN_SAMPLES_FOR_K_HAT, evaluate_model
     from .run import load_run, strict_json
 
     run = load_run(args.run_dir, args.device)
@@ -191,13 +191,21 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent estimate)")
     bits = "" if result.bits_per_dim is None else f" ({result.bits_per_dim:.4f} bits/dim on {'binarized' if result.data_kind == 'binary' else '8-bit'} pixels)"
     kind = " (a density on continuous pixels, not a probability: no bits/dim)" if result.data_kind == "density" else ""
-    print(f"test log p(x)        {ll.mean():.2f} +- {ll.mean_standard_error():.2f} nats/image, K={ll.num_samples}{bits}{kind}")
+    se = ll.mean_standard_error()
+    spread = f" +- {se:.2f}" if math.isfinite(se) else " (one image: no standard error)"
+    print(f"test log p(x)        {ll.mean():.2f}{spread} nats/image, K={ll.num_samples}{bits}{kind}")
     if result.dequantized is not None:
         print(f"dequantized bound    log P(x) >= {summary['dequantized_log_likelihood']:.2f} +- {summary['dequantized_log_likelihood_se']:.2f} nats/image ({summary['dequantized_bits_per_dim']:.4f} bits/dim on 8-bit pixels)")
-    print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
+    if ll.num_samples < MIN_SAMPLES_FOR_K_HAT:  # the warning below says why
+        print(f"PSIS k-hat           not fitted: K={ll.num_samples} is too few")
+    else:
+        print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
     if ll.warning():
         print(f"warning: {ll.warning()}")
-    print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
+    if result.active_units is None:
+        print("active units         not measurable from one test image (Cov_x E[z_d|x] is a variance over images)")
+    else:
+        print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
     other = "" if json_path.name == "evaluation.json" else f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
     print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
     return 0
@@ -284,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", formatter_class=Formatter, help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
                        description="Evaluate a saved run on its test images: test ELBO and its two terms, importance-sampled log p(x) with standard error and PSIS k-hat, bits/dim where log p(x) is a probability, active units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder.")
     e.add_argument("run_dir", type=Path, help=run_dir_help)
-    e.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K per image (Burda et al. use 5000)")
+    e.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K per image, at least 2 (Burda et al. use 5000)")
     e.add_argument("--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)")
     e.add_argument("--data-dir", help="where the test data is, if not where training found it (default: the run's own)")
     e.add_argument("--allow-different-data", action="store_true", help="evaluate even if the data differ from the run's (default off: refused)")

@@ -186,3 +186,29 @@ def test_evaluate_on_other_data_never_replaces_the_runs_own_results_and_every_fi
     assert json.loads((folder.path / "evaluation.json").read_text())["data"] == own_data
     attrs = arviz.from_netcdf(folder.path / "inference_data.nc").attrs
     assert (attrs["data_source"], attrs["data_fingerprint"]) == (own_data["source"], own_data["fingerprint"])
+
+
+# --------------------------------------------------------- 5: one importance sample, one image
+
+
+def test_one_importance_sample_is_refused_alike_by_the_command_and_the_library(folder, capsys):
+    from pyro_vae import ConfigError
+    from pyro_vae.evaluate import evaluate_model
+    from pyro_vae.run import load_run
+
+    message = "num_samples (--num-samples) must be at least 2: with one importance sample the estimate of log p(x) is a one-sample ELBO"
+    refused(capsys, ["evaluate", folder.path, "--num-samples", "1", "--device", "cpu", "--no-progress"], message)
+    folder.assert_unchanged()
+    run = load_run(folder.path, "cpu")
+    with pytest.raises(ConfigError, match=r"^num_samples \(--num-samples\) must be at least 2"):
+        evaluate_model(run.vae, run.test_split(), seed=0, num_samples=1)
+
+
+def test_active_units_of_one_test_image_are_not_measurable_rather_than_zero(tmp_path, data, capsys):
+    run = tmp_path / "run"
+    succeeds(capsys, ["train", *TINY, "--epochs", "1", "--max-train", "32", "--max-test", "1", "--data-dir", data / "idx", "--run-dir", run])
+    out = succeeds(capsys, ["evaluate", run, "--num-samples", "3", "--device", "cpu", "--no-progress"])
+    assert "active units         not measurable from one test image" in out and "(one image: no standard error)" in out
+    assert "PSIS k-hat           not fitted: K=3 is too few" in out and "bad (>0.7" not in out
+    record = json.loads((run / "evaluation.json").read_text())
+    assert record["test_images"] == 1 and record["active_units"] is None
