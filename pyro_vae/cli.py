@@ -169,8 +169,8 @@ def warn_if_config_edited(run, options: str) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from .diagnostics import save_inference_data, to_inference_data
-    from .evaluate import MIN_SAMPLES_FOR_K_HAT, evaluate_model
+    from .diagnostics import save_inference_data
+    from .evaluate import MIN_SAMPLES_FOR_K_HAT, evaluate_model, export_inference_data
     from .run import load_run, strict_json
 
     run = load_run(args.run_dir, args.device)
@@ -180,7 +180,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
         result = evaluate_model(run.vae, test, run.config.seed, args.num_samples, args.chunk_size, keep_log_weights=args.idata_points, progress=not args.no_progress)
         n_idata = result.log_weights.shape[1]
-        idata = to_inference_data(run.vae, test.full()[:n_idata], log_weights=result.log_weights, training_metrics=run.metrics, attrs={f"data_{k}": v for k, v in data.items()})
+        idata = export_inference_data(run.vae, test, result, args.chunk_size, training_metrics=run.metrics, attrs={f"data_{k}": v for k, v in data.items()})
         summary = {**result.summary(), "epochs": len(run.metrics), "data": data}
         text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
         with run.folder.all_or_none(idata_path.name):  # the two files describe one evaluation: both replaced, or neither
@@ -230,7 +230,7 @@ def compare_command(args: argparse.Namespace) -> int:
         warn_if_config_edited(run, "--data-dir")
         vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
         name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
-    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data")
+    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data", parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
@@ -245,13 +245,15 @@ def compare_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     import torch
 
+    from .model import GENERATE_CHUNK_SIZE
     from .plots import plot_image_grid
-    from .run import RunFolder, load_run
+    from .run import RunFolder, check_step_memory, load_run
 
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
     RunFolder(args.run_dir).check_output(out)
     run = load_run(args.run_dir, args.device)
     warn_if_config_edited(run, "--device")
+    check_step_memory(run.vae, 1, min(args.num, GENERATE_CHUNK_SIZE), run.vae.prior_loc.device, "--num", training=False)
     torch.manual_seed(args.seed)
     inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
@@ -286,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a VAE with SVI on MNIST-family images", description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.", formatter_class=Formatter)
     add_train_arguments(t)
-    t.set_defaults(run=train_command, parser=t)
+    t.set_defaults(run=train_command, parser=t, memory_options="--hidden, --z-dim, --num-particles or --batch-size")
 
     run_dir_help = "a run folder written by pyro-vae train"
     e = sub.add_parser("evaluate", formatter_class=Formatter, help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
@@ -299,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--idata-points", type=positive_int, default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.set_defaults(run=evaluate_command, parser=e)
+    e.set_defaults(run=evaluate_command, parser=e, memory_options="--chunk-size, --num-samples or --idata-points")
 
     c = sub.add_parser("compare", formatter_class=Formatter, help="compare ELBO estimators: bound, loss spread, gradient variance and SNR, time per step",
                        description="Compare ELBO estimators on a saved run's model and test images, or (without RUN_DIR) on a linear-Gaussian model whose log p(x) is exact. Prints a table and writes a CSV and a PNG.")
@@ -314,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=seed_int, default=0, help="seed of the draws (and of the linear-Gaussian model)")
     c.add_argument("--out", type=Path, help="folder for the CSV and PNG (default RUN_DIR/compare or runs/compare)")
     c.add_argument("--no-progress", action="store_true", help="do not print each finished row")
-    c.set_defaults(run=compare_command, parser=c)
+    c.set_defaults(run=compare_command, parser=c, memory_options="--particles or --num-data")
 
     s = sub.add_parser("sample", formatter_class=Formatter, help="a PNG grid of samples from a saved run's prior",
                        description="Draw z ~ N(0, I) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
@@ -323,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")
     s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>.png)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    s.set_defaults(run=sample_command, parser=s)
+    s.set_defaults(run=sample_command, parser=s, memory_options="--num")
     return p
 
 
@@ -369,7 +371,7 @@ def _run(argv: list[str] | None) -> int:
             print(f"pyro-vae: error{_rank_label()}: {e}", file=sys.stderr)
             return 1
         if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
-            print(f"pyro-vae: error{_rank_label()}: out of memory; lower --num-particles, --batch-size or --chunk-size", file=sys.stderr)
+            print(f"pyro-vae: error{_rank_label()}: out of memory; lower {args.memory_options}", file=sys.stderr)
             return 2
         raise
 

@@ -66,9 +66,12 @@ class TrainConfig:
 
         load_torchvision()
 
+        import torch
+
         device = resolve_device(self.device)
-        vae = build_vae(self)  # the model's own checks: sizes, likelihood, scale
-        check_step_memory(vae, self.num_particles, self.batch_size, device, "--num-particles or --batch-size")
+        with torch.device("meta"):  # the model's own checks (sizes, likelihood, scale), nothing allocated
+            vae = build_vae(self)
+        check_step_memory(vae, self.num_particles, self.batch_size, device, "--hidden, --z-dim, --num-particles or --batch-size", parameter_copies=4)
 
     def check_settings(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range (no device, no model)."""

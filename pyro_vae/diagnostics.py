@@ -88,18 +88,22 @@ def kl_per_dimension(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tens
 
 
 @torch.no_grad()
-def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1) -> dict[str, torch.Tensor]:
-    """``ELBO(x_i) = E_q[log p(x_i|z)] - KL(q(z|x_i) || p(z))`` split per datapoint, each ``(N,)``.
+def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1, chunk_size: int = 1000) -> dict[str, torch.Tensor]:
+    """``ELBO(x_i) = E_q[log p(x_i|z)] - KL(q(z|x_i) || p(z))`` split per datapoint, each ``(N,)`` on
+    the CPU, ``chunk_size`` datapoints at a time.
 
     ``reconstruction`` averages the model's ``log p(x_i|z_l)`` over ``num_particles`` draws
     ``z_l ~ q(z|x_i)``; ``kl`` is analytic (Kingma & Welling 2013, eq. 10 and Appendix B). These are
     the terms of the model as defined (a KL weight belongs to training only).
     """
-    loc, scale = vae.encoder(x)
-    q = dist.Normal(loc, scale).to_event(1)
-    z = q.sample((num_particles,))
-    reconstruction = vae.likelihood(vae.decoder(z)).log_prob(x).mean(0).cpu()
-    kl = kl_divergence(q, vae.prior()).cpu()
+    reconstruction, kl = [], []
+    for xb in x.split(chunk_size) if x.shape[0] else [x]:
+        loc, scale = vae.encoder(xb)
+        q = dist.Normal(loc, scale).to_event(1)
+        z = q.sample((num_particles,))
+        reconstruction.append(vae.likelihood(vae.decoder(z)).log_prob(xb).mean(0).cpu())
+        kl.append(kl_divergence(q, vae.prior()).cpu())
+    reconstruction, kl = torch.cat(reconstruction), torch.cat(kl)
     return {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction - kl}
 
 
@@ -133,7 +137,7 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None) -> "az.InferenceData":
+def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None, max_draws: int | None = None) -> "az.InferenceData":
     """The VAE's fit to the batch ``x`` as :class:`arviz.InferenceData` (one chain).
 
     Groups, with coordinates ``chain = [0]``, ``draw``, ``datapoint``, ``latent_dim``, ``pixel``
@@ -152,7 +156,8 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
       epoch of optimization, not per posterior draw, so it does not belong in ``sample_stats``.
 
     ``attrs``: attributes of the whole object (``pyro-vae evaluate`` records the data's source and
-    fingerprint), kept by :func:`save_inference_data`.
+    fingerprint), kept by :func:`save_inference_data`. ``max_draws``: decode at most this many
+    draws of z at a time (whole datapoints, so at least ``num_draws``; None: all at once).
     """
     if num_draws < 1:
         raise ConfigError(f"num_draws must be positive, got {num_draws}")
@@ -161,12 +166,17 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
     n = x.shape[0]
     loc, scale = vae.encoder(x)
     z = dist.Normal(loc, scale).sample((num_draws,))
-    likelihood = vae.likelihood(vae.decoder(z))
+    step = n if max_draws is None else max(1, max_draws // num_draws)  # datapoints decoded at a time
+    predictive, log_likelihood = [], []
+    for zc, xc in zip(z.split(step, dim=1), x.split(step)):
+        likelihood = vae.likelihood(vae.decoder(zc))
+        predictive.append(likelihood.sample().reshape(num_draws, xc.shape[0], -1).cpu())
+        log_likelihood.append(likelihood.log_prob(xc).cpu())
     coords = {"datapoint": np.arange(n), "latent_dim": np.arange(vae.z_dim), "pixel": np.arange(x[0].numel())}
     groups = {
         "posterior": _group({"z": _numpy(z, 1, num_draws, n, -1)}, ["datapoint", "latent_dim"], coords),
-        "posterior_predictive": _group({"x": _numpy(likelihood.sample(), 1, num_draws, n, -1)}, ["datapoint", "pixel"], coords),
-        "log_likelihood": _group({"x": _numpy(likelihood.log_prob(x), 1, num_draws, n)}, ["datapoint"], coords),
+        "posterior_predictive": _group({"x": _numpy(torch.cat(predictive, 1), 1, num_draws, n, -1)}, ["datapoint", "pixel"], coords),
+        "log_likelihood": _group({"x": _numpy(torch.cat(log_likelihood, 1), 1, num_draws, n)}, ["datapoint"], coords),
         "observed_data": _group({"x": _numpy(x, n, -1)}, ["datapoint", "pixel"], coords, sampled=False),
     }
     if log_weights is not None:

@@ -221,7 +221,7 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     with seeded(vae.prior_loc.device, seed):
         log_w = [importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in tqdm(batches.eval_batches(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False)]
         x_all = batches.full()
-        terms = elbo_terms(vae, x_all)
+        terms = elbo_terms(vae, x_all, chunk_size=batches.batch_size)  # a batch at a time, as the memory check counts
         dequantized = None
         if vae.likelihood.data_kind == "density" and batches.eight_bit:
             log_p = lambda y: LogLikelihood.from_log_weights(importance_log_weights(vae.model, vae.guide, y[0], num_samples, chunk_size)).log_px.unsqueeze(0)
@@ -240,3 +240,15 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
         log_weights=torch.cat(log_w, dim=1)[:, :keep_log_weights],
         dequantized=dequantized,
     )
+
+
+def export_inference_data(vae, batches, evaluation: Evaluation, chunk_size: int = 250, **kwargs):
+    """:func:`~pyro_vae.diagnostics.to_inference_data` of the first test images whose log-weights
+    ``evaluation`` kept (``kwargs`` go to it), decoding no more draws at a time than
+    :func:`evaluate_model` with this ``chunk_size`` did (``chunk_size x batch``), so that its memory
+    check covers the export too."""
+    from .diagnostics import to_inference_data
+
+    n = evaluation.log_weights.shape[1]
+    max_draws = min(chunk_size, evaluation.log_likelihood.num_samples) * batches.batch_size
+    return to_inference_data(vae, batches.full()[:n], log_weights=evaluation.log_weights, max_draws=max_draws, **kwargs)

@@ -212,3 +212,58 @@ def test_active_units_of_one_test_image_are_not_measurable_rather_than_zero(tmp_
     assert "PSIS k-hat           not fitted: K=3 is too few" in out and "bad (>0.7" not in out
     record = json.loads((run / "evaluation.json").read_text())
     assert record["test_images"] == 1 and record["active_units"] is None
+
+
+# --------------------------------------------------------------- 6: memory that is counted
+
+
+def test_train_refuses_a_model_whose_parameters_and_adam_state_exceed_memory_before_allocating_it(tmp_path, data, capsys):
+    """Parameters, gradients and Adam's two moments are 16 bytes a parameter: a width that makes
+    them twice the machine's memory is refused, naming the model's flags, and this process's peak
+    memory grows by far less than one copy of the parameters (the model is sized on the meta device;
+    building it for real would raise the peak by a quarter of the machine's memory)."""
+    import math
+    import resource
+
+    from pyro_vae.run import available_memory
+
+    memory = available_memory(torch.device("cpu"))
+    width = math.ceil(2 * memory / (16 * (784 + 3 * 20 + 784)))  # 784 -> width -> 2 x 20; 20 -> width -> 784
+    one_copy = 4 * width * (784 + 3 * 20 + 784)
+    for flags in (["--hidden", width], ["--z-dim", 100_000_000]):
+        run = tmp_path / f"run{flags[0]}"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        refused(capsys, ["train", *TINY, *flags, "--data-dir", data / "idx", "--run-dir", run], "with a model of", "lower --hidden, --z-dim, --num-particles or --batch-size")
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak < one_copy / 4
+        assert not run.exists()
+
+
+def test_evaluate_export_and_sample_decode_no_more_draws_at_once_than_the_memory_check_counts():
+    """The check counts ``chunk x batch`` draws of z (evaluate) and ``GENERATE_CHUNK_SIZE`` (sample);
+    a hook on the decoder sees every call: none may decode more (today's code decoded the whole
+    test split, and ``num_draws x images`` for the ArviZ export, at once)."""
+    from pyro_vae import VAE
+    from pyro_vae.data import DeviceBatches
+    from pyro_vae.evaluate import evaluate_model, export_inference_data
+    from pyro_vae.model import GENERATE_CHUNK_SIZE
+
+    vae = VAE(hidden=(8,), z_dim=2).eval()
+    seen = []
+    vae.decoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].numel() // vae.z_dim))
+    images = torch.randint(0, 256, (100, 28, 28), dtype=torch.uint8)
+    batches = DeviceBatches(images, torch.zeros(100, dtype=torch.long), 10, binarization="dynamic", seed=0, shuffle=False)
+    result = evaluate_model(vae, batches, seed=0, num_samples=3, chunk_size=2, keep_log_weights=50)
+    export_inference_data(vae, batches, result, chunk_size=2, num_draws=10)  # two images at a time
+    assert len(seen) > 30 and max(seen) <= 2 * 10, max(seen)
+    seen.clear()
+    assert vae.generate(600).shape == (600, 784)
+    assert max(seen) == GENERATE_CHUNK_SIZE and sum(seen) == 600
+
+
+def test_the_out_of_memory_line_names_only_options_the_command_has():
+    from pyro_vae.cli import parser
+
+    commands = parser()._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        named = command.get_default("memory_options").replace(" or ", ", ").split(", ")
+        assert named and set(named) <= set(command._option_string_actions), (name, named)
