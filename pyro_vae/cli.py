@@ -165,7 +165,7 @@ def warn_if_config_edited(run, options: str) -> None:
     """One stderr line when the run's config.json disagrees with its checkpoint, whose settings are
     used; ``options``: the command's own options that change a setting of the run."""
     if run.config_file_note:
-        print(f"pyro-vae: warning: {run.config_file_note}; the checkpoint's settings are used; to change where it runs, pass {options}", file=sys.stderr)
+        print(f"pyro-vae: warning: {run.config_file_note}; the checkpoint's settings are used (options of this command that change them: {options})", file=sys.stderr)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -174,7 +174,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from .run import load_run, strict_json
 
     run = load_run(args.run_dir, args.device)
-    warn_if_config_edited(run, "--data-dir or --device")
+    warn_if_config_edited(run, "--data-dir, --device")
     with run.folder.locked("evaluate"):
         test, data = run.test_data(args.data_dir, args.allow_different_data)
         json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
