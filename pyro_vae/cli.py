@@ -165,7 +165,8 @@ def warn_if_config_edited(run, options: str) -> None:
     """One stderr line when the run's config.json disagrees with its checkpoint, whose settings are
     used; ``options``: the command's own options that change a setting of the run."""
     if run.config_file_note:
-        print(f"pyro-vae: warning: {run.config_file_note}; the checkpoint's settings are used (options of this command that change them: {options})", file=sys.stderr)
+        used = f"the checkpoint's settings are used (options of this command that change them: {options})"
+        print(f"pyro-vae: warning: {run.config_file_note}; {used}", file=sys.stderr)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -180,10 +181,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
         json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
         result = evaluate_model(run.vae, test, run.config.seed, args.num_samples, args.chunk_size, keep_log_weights=args.idata_points, progress=not args.no_progress)
         n_idata = result.log_weights.shape[1]
-        idata = export_inference_data(run.vae, test, result, args.chunk_size, training_metrics=run.metrics, attrs={f"data_{k}": v for k, v in data.items()})
+        attrs = {f"data_{k}": v for k, v in data.items()}  # the file says which data it describes
+        idata = export_inference_data(run.vae, test, result, args.chunk_size, training_metrics=run.metrics, attrs=attrs)
         summary = {**result.summary(), "epochs": len(run.metrics), "data": data}
         text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
-        with run.folder.all_or_none(idata_path.name):  # the two files describe one evaluation: both replaced, or neither
+        with run.folder.all_or_none(idata_path.name):  # the two files describe one evaluation: both replaced or neither
             save_inference_data(idata, idata_path)
             run.folder.write_text(json_path.name, text)
     ll, pk = result.log_likelihood, summary["pareto_k"]
@@ -199,14 +201,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if ll.num_samples < MIN_SAMPLES_FOR_K_HAT:  # the warning below says why
         print(f"PSIS k-hat           not fitted: K={ll.num_samples} is too few")
     else:
-        print(f"PSIS k-hat           {pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)")
+        counts = f"{pk['good']} good (<=0.5), {pk['ok']} ok (<=0.7), {pk['bad']} bad (>0.7: log p(x) unreliable there)"
+        print(f"PSIS k-hat           {counts}")
     if ll.warning():
         print(f"warning: {ll.warning()}")
     if result.active_units is None:
         print("active units         not measurable from one test image (Cov_x E[z_d|x] is a variance over images)")
     else:
         print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
-    other = "" if json_path.name == "evaluation.json" else f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
+    other = "" if json_path.name == "evaluation.json" else (
+        f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
+    )
     print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
     return 0
 
@@ -230,7 +235,8 @@ def compare_command(args: argparse.Namespace) -> int:
         warn_if_config_edited(run, "--data-dir")
         vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
         name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
-    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data", parameter_copies=1)  # + gradients
+    flags = "--particles or --num-data"
+    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), flags, parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
@@ -294,7 +300,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", formatter_class=Formatter, help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
                        description="Evaluate a saved run on its test images: test ELBO and its two terms, importance-sampled log p(x) with standard error and PSIS k-hat, bits/dim where log p(x) is a probability, active units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder.")
     e.add_argument("run_dir", type=Path, help=run_dir_help)
-    e.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K per image, at least 2 (Burda et al. use 5000)")
+    e.add_argument("--num-samples", type=positive_int, default=1000,
+                   help="importance samples K per image, at least 2 (Burda et al. use 5000)")
     e.add_argument("--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)")
     e.add_argument("--data-dir", help="where the test data is, if not where training found it (default: the run's own)")
     e.add_argument("--allow-different-data", action="store_true", help="evaluate even if the data differ from the run's (default off: refused)")

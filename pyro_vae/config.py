@@ -71,7 +71,9 @@ class TrainConfig:
         device = resolve_device(self.device)
         with torch.device("meta"):  # the model's own checks (sizes, likelihood, scale), nothing allocated
             vae = build_vae(self)
-        check_step_memory(vae, self.num_particles, self.batch_size, device, "--hidden, --z-dim, --num-particles or --batch-size", parameter_copies=4)
+        flags = "--hidden, --z-dim, --num-particles or --batch-size"
+        # the parameters, their gradients and Adam's two moments: four copies, none allocated yet
+        check_step_memory(vae, self.num_particles, self.batch_size, device, flags, parameter_copies=4)
 
     def check_settings(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range (no device, no model)."""

@@ -137,7 +137,11 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None, max_draws: int | None = None) -> "az.InferenceData":
+def to_inference_data(
+    vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100,
+    training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None,
+    max_draws: int | None = None,
+) -> "az.InferenceData":
     """The VAE's fit to the batch ``x`` as :class:`arviz.InferenceData` (one chain).
 
     Groups, with coordinates ``chain = [0]``, ``draw``, ``datapoint``, ``latent_dim``, ``pixel``
@@ -175,7 +179,9 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
     coords = {"datapoint": np.arange(n), "latent_dim": np.arange(vae.z_dim), "pixel": np.arange(x[0].numel())}
     groups = {
         "posterior": _group({"z": _numpy(z, 1, num_draws, n, -1)}, ["datapoint", "latent_dim"], coords),
-        "posterior_predictive": _group({"x": _numpy(torch.cat(predictive, 1), 1, num_draws, n, -1)}, ["datapoint", "pixel"], coords),
+        "posterior_predictive": _group(
+            {"x": _numpy(torch.cat(predictive, 1), 1, num_draws, n, -1)}, ["datapoint", "pixel"], coords
+        ),
         "log_likelihood": _group({"x": _numpy(torch.cat(log_likelihood, 1), 1, num_draws, n)}, ["datapoint"], coords),
         "observed_data": _group({"x": _numpy(x, n, -1)}, ["datapoint", "pixel"], coords, sampled=False),
     }

@@ -211,7 +211,8 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     if num_samples < 2:
         raise ConfigError(
             "num_samples (--num-samples) must be at least 2: with one importance sample the estimate of log p(x) is a "
-            "one-sample ELBO, which the test ELBO already reports, with no standard error per image; pass 2 or more (Burda et al. use 5000)"
+            "one-sample ELBO, which the test ELBO already reports, with no standard error per image; "
+            "pass 2 or more (Burda et al. use 5000)"
         )
     check_count("chunk_size", chunk_size)
     check_count("keep_log_weights", keep_log_weights, minimum=0)

@@ -54,7 +54,9 @@ def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device
     return DeviceBatches(images, labels, config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=split == "train", flatten=config.architecture == "mlp", device=device)
 
 
-def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True, parameter_copies: int = 0) -> int:
+def step_memory_bytes(
+    vae: VAE, particles: int, batch: int, training: bool = True, parameter_copies: int = 0
+) -> int:
     """A rough estimate of the memory one step over ``particles`` x ``batch`` draws of z needs: every
     decoder activation (counted on one draw) and the per-pixel numbers that scoring x keeps for each
     draw (``Likelihood.log_prob_numbers``), 4 bytes a number, times 3 with gradients (saved
@@ -70,7 +72,8 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
         for hook in hooks:
             hook.remove()
     per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
-    return particles * batch * per_draw * 4 * (3 if training else 2) + parameter_copies * sum(p.numel() * p.element_size() for p in vae.parameters())
+    parameters = sum(p.numel() * p.element_size() for p in vae.parameters())
+    return particles * batch * per_draw * 4 * (3 if training else 2) + parameter_copies * parameters
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -83,7 +86,10 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0, parameter_copies: int = 0) -> None:
+def check_step_memory(
+    vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True,
+    extra_bytes: int = 0, parameter_copies: int = 0,
+) -> None:
     """:class:`ConfigError` naming ``options`` if a step (:func:`step_memory_bytes`, plus
     ``extra_bytes``) would need more memory than ``device`` has, before anything is allocated."""
     need = step_memory_bytes(vae, particles, batch, training, parameter_copies) + extra_bytes
@@ -91,7 +97,8 @@ def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device
     if have is not None and need > have:
         where = "free GPU memory" if torch.device(device).type == "cuda" else "memory"
         model = f" with a model of {sum(p.numel() for p in vae.parameters()):,} parameters" if parameter_copies else ""
-        what = f"{particles} particles x {batch} images a step{model}" + (f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else "")
+        kept = f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else ""
+        what = f"{particles} particles x {batch} images a step{model}{kept}"
         raise ConfigError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on {device}; lower {options}")
 
 
@@ -124,7 +131,10 @@ class RunFolder:
 
     CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", ".lock"
     # what training (its figures: pyro_vae.plots.draw_run_figures) and evaluate write here, and temporary files
-    OWN_FILES = (CONFIG, METRICS, CHECKPOINT, LOCK, "elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png", ".*.tmp", "evaluation*.json", "inference_data*.nc")
+    OWN_FILES = (
+        CONFIG, METRICS, CHECKPOINT, LOCK, ".*.tmp", "evaluation*.json", "inference_data*.nc",
+        "elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png",
+    )
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -183,9 +193,15 @@ class RunFolder:
         ``path``'s folder is resolved, not ``path`` itself: a writer replaces a link, never follows it."""
         path, here = Path(path), self.path.resolve()
         if path.resolve() == here:
-            raise ConfigError(f"{option} {path} is the run folder {self.path} itself, which holds the run's files; choose another {option}")
+            raise ConfigError(
+                f"{option} {path} is the run folder {self.path} itself, which holds the run's files; "
+                f"choose another {option}"
+            )
         if path.parent.resolve() == here and any(fnmatch.fnmatchcase(path.name, own) for own in self.OWN_FILES):
-            raise ConfigError(f"{option} {path} would replace {path.name}, one of the run's own files in {self.path}; choose another {option}")
+            raise ConfigError(
+                f"{option} {path} would replace {path.name}, one of the run's own files in {self.path}; "
+                f"choose another {option}"
+            )
 
     def remove_temporary_files(self) -> None:
         """Temporary files left by a writer that was killed mid-write (only call with the lock held)."""
@@ -261,15 +277,18 @@ class RunFolder:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            return f"{path} cannot be read as JSON ({' '.join(str(e).split())[:120]}), while its checkpoint holds the run's settings"
+            reason = " ".join(str(e).split())[:120]
+            return f"{path} cannot be read as JSON ({reason}), while its checkpoint holds the run's settings"
         expected = json.loads(json.dumps(saved))  # the checkpoint's settings as config.json writes them
         if found == expected:
             return None
         if not isinstance(found, dict):
-            return f"{path} is not a mapping of settings (it holds a {type(found).__name__}), while its checkpoint holds the run's settings"
+            kind = type(found).__name__
+            return f"{path} is not a mapping of settings (it holds a {kind}), while its checkpoint holds the settings"
         absent = "(absent)"
         differ = [k for k in dict.fromkeys([*expected, *found]) if found.get(k, absent) != expected.get(k, absent)]
-        detail = ", ".join(f"{k}: {expected.get(k, absent)!r} in the checkpoint, {found.get(k, absent)!r} in config.json" for k in differ)
+        says = lambda k: f"{k}: {expected.get(k, absent)!r} in the checkpoint, {found.get(k, absent)!r} in config.json"
+        detail = ", ".join(map(says, differ))
         return f"{path} disagrees with its checkpoint ({detail})"
 
     def mark_evaluation_stale(self, epochs: int) -> None:
@@ -281,7 +300,10 @@ class RunFolder:
                 continue
             if not (isinstance(record, dict) and record.get("epochs", epochs) < epochs):
                 continue
-            note = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+            note = (
+                f"describes the checkpoint after epoch {record['epochs']}; "
+                f"the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+            )
             if record.get("stale") != note:  # each new checkpoint updates the epoch it names
                 record["stale"] = note
                 self.write_text(path.name, json.dumps(record, indent=2) + "\n")
@@ -353,9 +375,12 @@ class SavedRun:
         refused if the data are not those the run was trained on (unless ``allow_different_data``)."""
         return self.test_data(data_dir, allow_different_data)[0]
 
-    def test_data(self, data_dir: str | None = None, allow_different_data: bool = False) -> tuple[DeviceBatches, dict[str, str]]:
+    def test_data(
+        self, data_dir: str | None = None, allow_different_data: bool = False
+    ) -> tuple[DeviceBatches, dict[str, str]]:
         """:meth:`test_split` and the identity (:func:`data_identity`) of the data it was read from."""
-        dataset = load_dataset(self.config.dataset, data_dir if data_dir is not None else self.config.data_dir, self.config.download)
+        folder = data_dir if data_dir is not None else self.config.data_dir
+        dataset = load_dataset(self.config.dataset, folder, self.config.download)
         found = data_identity(dataset)
         check_same_data(self.folder.path, self.data, found, allow_different_data)
         return split_batches(self.config, dataset, "test", self.vae.prior_loc.device), found

@@ -95,9 +95,10 @@ class Trainer:
         state, saved_config, vae = self.folder.load_checked()
         edited = self.folder.config_file_disagreement(state["config"])
         if edited:  # resuming would write the checkpoint's settings over the edit
+            options = ", ".join("--" + f.replace("_", "-") for f in TrainConfig.RUNTIME_FIELDS)
             raise ConfigError(
-                f"cannot resume {self.folder.path}: {edited}; give a changed setting as an option instead (those that may "
-                f"change: {', '.join('--' + f.replace('_', '-') for f in TrainConfig.RUNTIME_FIELDS)}), or delete config.json to resume as saved"
+                f"cannot resume {self.folder.path}: {edited}; give a changed setting as an option instead "
+                f"(those that may change: {options}), or delete config.json to resume as saved"
             )
         saved = saved_config.identity()
         changed = {k: (saved[k], v) for k, v in self.config.identity().items() if saved.get(k) != v}
@@ -141,7 +142,8 @@ class Trainer:
         if self.config.estimator == "iwae":
             losses = []
             for weight in (kl_weight, 1.0):
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), pyro.validation_enabled(False):
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
                     losses.append(elbo_loss(self.elbo, self.vae.model, self.vae.guide, x, weight))
             return losses[1] - losses[0]
         loc, scale = self.vae.encoder(x)
@@ -154,7 +156,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.vae.train()
-        total, objective, count, skipped, weight, weighted = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0, 0, 1.0, False
+        total, objective = torch.zeros((), device=self.device), torch.zeros((), device=self.device)  # -ELBO, -ELBO_beta
+        count, skipped, weight, weighted = 0, 0, 1.0, False
         bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True, leave=False)
         for step, (x, _) in enumerate(bar):
             weight = self.kl_weight(epoch, step)
@@ -175,7 +178,8 @@ class Trainer:
         if count == 0:
             raise self.diverged(f"no training step of epoch {epoch + 1} gave a finite loss and gradient")
         weighted_objective = {"train_objective": -(objective / count).item()} if weighted else {}
-        return {"train_elbo": -(total / count).item(), **weighted_objective, "skipped_steps": skipped, "kl_weight": weight}
+        elbo = -(total / count).item()
+        return {"train_elbo": elbo, **weighted_objective, "skipped_steps": skipped, "kl_weight": weight}
 
     def diverged(self, what: str) -> NumericalError:
         last = f"the last good checkpoint is {self.folder.checkpoint_path}" if self.folder.checkpoint_path.exists() else "no checkpoint was written"
@@ -198,7 +202,10 @@ class Trainer:
                 with self.parallel.all_or_none("save the checkpoint"):  # the other ranks wait for rank 0's save
                     self.save()
                 if self.progress:
-                    annealed = f"  (KL-weighted objective {row['train_objective']:.2f}, KL weight {row['kl_weight']:.3g})" if "train_objective" in row else ""
+                    annealed = ""
+                    if "train_objective" in row:
+                        weighted = row["train_objective"]
+                        annealed = f"  (KL-weighted objective {weighted:.2f}, KL weight {row['kl_weight']:.3g})"
                     print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image{annealed}", flush=True)
             return self.metrics
         except distributed.DistributedError as e:

@@ -12,7 +12,7 @@ import torch
 
 from pyro_vae.run import RunFolder
 
-from .test_run_folder_faults import TINY, Folder, data, folder, refused, succeeds, trained  # noqa: F401 - fixtures
+from .test_run_folder_faults import TINY, data, folder, refused, succeeds, trained  # noqa: F401 - fixtures
 
 # ------------------------------------------------------------- 1: outputs that replace the run's files
 
