@@ -158,36 +158,59 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
 
 
+def warn_if_config_edited(run, options: str) -> None:
+    """One stderr line when the run's config.json disagrees with its checkpoint, whose settings are
+    used; ``options``: the command's own options that change a setting of the run."""
+    if run.config_file_note:
+        used = f"the checkpoint's settings are used (options of this command that change them: {options})"
+        print(f"pyro-vae: warning: {run.config_file_note}; {used}", file=sys.stderr)
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     from .diagnostics import K_GOOD, K_OK
-    from .inference_data import save_inference_data, to_inference_data
-    from .evaluate import evaluate_model
+    from .evaluate import MIN_SAMPLES_FOR_K_HAT, evaluate_model, export_inference_data
+    from .inference_data import save_inference_data
     from .run import load_run, strict_json
 
     run = load_run(args.run_dir, args.device)
+    warn_if_config_edited(run, "--data-dir, --device")
     with run.folder.locked("evaluate"):
-        test = run.test_split(args.data_dir, args.allow_different_data)
+        test, data = run.test_data(args.data_dir, args.allow_different_data)
+        json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
         result = evaluate_model(run.vae, test, run.config.seed, args.num_samples, args.chunk_size, keep_log_weights=args.idata_points, progress=not args.no_progress)
         n_idata = result.log_weights.shape[1]
-        idata = to_inference_data(run.vae, test.full()[:n_idata], log_weights=result.log_weights, training_metrics=run.metrics)
-        summary = {**result.summary(), "epochs": len(run.metrics)}
+        attrs = {f"data_{k}": v for k, v in data.items()}  # the file says which data it describes
+        idata = export_inference_data(run.vae, test, result, args.chunk_size, training_metrics=run.metrics, attrs=attrs)
+        summary = {**result.summary(), "epochs": len(run.metrics), "data": data}
         text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
-        with run.folder.all_or_none("inference_data.nc"):  # the two files describe one evaluation: both replaced, or neither
-            save_inference_data(idata, run.folder / "inference_data.nc")
-            run.folder.write_text("evaluation.json", text)
+        with run.folder.all_or_none(idata_path.name):  # the two files describe one evaluation: both replaced or neither
+            save_inference_data(idata, idata_path)
+            run.folder.write_text(json_path.name, text)
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch {len(run.metrics)})")
     print(f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent estimate)")
     bits = "" if result.bits_per_dim is None else f" ({result.bits_per_dim:.4f} bits/dim on {'binarized' if result.data_kind == 'binary' else '8-bit'} pixels)"
     kind = " (a density on continuous pixels, not a probability: no bits/dim)" if result.data_kind == "density" else ""
-    print(f"test log p(x)        {ll.mean():.2f} +- {ll.mean_standard_error():.2f} nats/image, K={ll.num_samples}{bits}{kind}")
+    se = ll.mean_standard_error()
+    spread = f" +- {se:.2f}" if math.isfinite(se) else " (one image: no standard error)"
+    print(f"test log p(x)        {ll.mean():.2f}{spread} nats/image, K={ll.num_samples}{bits}{kind}")
     if result.dequantized is not None:
         print(f"dequantized bound    log P(x) >= {summary['dequantized_log_likelihood']:.2f} +- {summary['dequantized_log_likelihood_se']:.2f} nats/image ({summary['dequantized_bits_per_dim']:.4f} bits/dim on 8-bit pixels)")
-    print(f"PSIS k-hat           {pk['good']} good (<={K_GOOD}), {pk['ok']} ok (<={K_OK}), {pk['bad']} bad (>{K_OK}: log p(x) unreliable there)")
+    if ll.num_samples < MIN_SAMPLES_FOR_K_HAT:  # the warning below says why
+        print(f"PSIS k-hat           not fitted: K={ll.num_samples} is too few")
+    else:
+        counts = f"{pk['good']} good (<={K_GOOD}), {pk['ok']} ok (<={K_OK}), {pk['bad']} bad (>{K_OK}: log p(x) unreliable there)"
+        print(f"PSIS k-hat           {counts}")
     if ll.warning():
         print(f"warning: {ll.warning()}")
-    print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
-    print(f"written: {run.folder / 'evaluation.json'}, {run.folder / 'inference_data.nc'} (arviz.from_netcdf), {n_idata} images exported")
+    if result.active_units is None:
+        print("active units         not measurable from one test image (Cov_x E[z_d|x] is a variance over images)")
+    else:
+        print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
+    other = "" if json_path.name == "evaluation.json" else (
+        f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
+    )
+    print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
     return 0
 
 
@@ -197,21 +220,25 @@ def compare_command(args: argparse.Namespace) -> int:
     from . import compare
     from .linear_gaussian import linear_gaussian_vae
     from .memory import check_step_memory
-    from .run import load_run
+    from .run import RunFolder, load_run
 
+    out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
+    if args.run_dir is not None:
+        RunFolder(args.run_dir).check_output(out)
     torch.set_num_threads(args.threads)
     if args.run_dir is None:
         vae, x, exact = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
         name, title = "linear_gaussian", f"linear-Gaussian VAE, {len(x)} datapoints, exact log p(x) known"
     else:
         run = load_run(args.run_dir, "cpu")
+        warn_if_config_edited(run, "--data-dir")
         vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
         name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
-    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), "--particles or --num-data")
+    flags = "--particles or --num-data"
+    check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), flags, parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
-    out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
     print(compare.format_table(rows))
     # both written atomically: a symlink there is replaced, never followed
     csv_path = compare.write_csv(rows, out / f"{name}.csv")
@@ -223,11 +250,16 @@ def compare_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     import torch
 
+    from .model import GENERATE_CHUNK_SIZE
     from .plots import plot_image_grid
-    from .run import load_run
+    from .memory import check_step_memory
+    from .run import RunFolder, load_run
 
-    run = load_run(args.run_dir, args.device)
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
+    RunFolder(args.run_dir).check_output(out)
+    run = load_run(args.run_dir, args.device)
+    warn_if_config_edited(run, "--device")
+    check_step_memory(run.vae, 1, min(args.num, GENERATE_CHUNK_SIZE), run.vae.prior_loc.device, "--num", training=False)
     torch.manual_seed(args.seed)
     inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
@@ -262,20 +294,21 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a VAE with SVI on MNIST-family images", description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.", formatter_class=Formatter)
     add_train_arguments(t)
-    t.set_defaults(run=train_command, parser=t)
+    t.set_defaults(run=train_command, parser=t, memory_options="--hidden, --z-dim, --num-particles or --batch-size")
 
     run_dir_help = "a run folder written by pyro-vae train"
     e = sub.add_parser("evaluate", formatter_class=Formatter, help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
                        description="Evaluate a saved run on its test images: test ELBO and its two terms, importance-sampled log p(x) with standard error and PSIS k-hat, bits/dim where log p(x) is a probability, active units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder.")
     e.add_argument("run_dir", type=Path, help=run_dir_help)
-    e.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K per image (Burda et al. use 5000)")
+    e.add_argument("--num-samples", type=positive_int, default=1000,
+                   help="importance samples K per image, at least 2 (Burda et al. use 5000)")
     e.add_argument("--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)")
     e.add_argument("--data-dir", help="where the test data is, if not where training found it (default: the run's own)")
     e.add_argument("--allow-different-data", action="store_true", help="evaluate even if the data differ from the run's (default off: refused)")
     e.add_argument("--idata-points", type=positive_int, default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.set_defaults(run=evaluate_command, parser=e)
+    e.set_defaults(run=evaluate_command, parser=e, memory_options="--chunk-size, --num-samples or --idata-points")
 
     c = sub.add_parser("compare", formatter_class=Formatter, help="compare ELBO estimators: bound, loss spread, gradient variance and SNR, time per step",
                        description="Compare ELBO estimators on a saved run's model and test images, or (without RUN_DIR) on a linear-Gaussian model whose log p(x) is exact. Prints a table and writes a CSV and a PNG.")
@@ -290,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=seed_int, default=0, help="seed of the draws (and of the linear-Gaussian model)")
     c.add_argument("--out", type=Path, help="folder for the CSV and PNG (default RUN_DIR/compare or runs/compare)")
     c.add_argument("--no-progress", action="store_true", help="do not print each finished row")
-    c.set_defaults(run=compare_command, parser=c)
+    c.set_defaults(run=compare_command, parser=c, memory_options="--particles or --num-data")
 
     s = sub.add_parser("sample", formatter_class=Formatter, help="a PNG grid of samples from a saved run's prior",
                        description="Draw z from the prior p(z) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
@@ -299,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")
     s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>.png)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    s.set_defaults(run=sample_command, parser=s)
+    s.set_defaults(run=sample_command, parser=s, memory_options="--num")
     return p
 
 
@@ -336,7 +369,7 @@ def _dispatch(argv: list[str] | None) -> int:
         return 1
     except Exception as e:
         if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
-            print(f"pyro-vae: error{rank_label()}: out of memory; lower --num-particles, --batch-size or --chunk-size", file=sys.stderr)
+            print(f"pyro-vae: error{rank_label()}: out of memory; lower {args.memory_options}", file=sys.stderr)
             return 2
         raise
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 from .checks import check_count, data_dir_path
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, DEFAULT_STEP, GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, LIKELIHOODS, PRIORS, STEP_MODES,
                     TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization)
 

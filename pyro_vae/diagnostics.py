@@ -110,7 +110,8 @@ def kl_per_dimension(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tens
 
 @torch.no_grad()
 def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1, chunk_size: int = 1000) -> dict[str, torch.Tensor]:
-    """``ELBO(x_i) = E_q[log p(x_i|z)] - KL(q(z|x_i) || p(z))`` split per datapoint, each ``(N,)``.
+    """``ELBO(x_i) = E_q[log p(x_i|z)] - KL(q(z|x_i) || p(z))`` split per datapoint, each ``(N,)`` on
+    the CPU, ``chunk_size`` datapoints at a time.
 
     ``reconstruction`` averages the model's ``log p(x_i|z_l)`` over ``num_particles`` draws
     ``z_l ~ q(z|x_i)``; ``kl`` is analytic where it exists (Kingma & Welling 2013, eq. 10 and
@@ -118,7 +119,7 @@ def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1, chunk_size: int = 1
     IAF guide). These are the terms of the model as defined (a KL weight belongs to training only).
     """
     prior, terms = vae.prior(), {"reconstruction": [], "kl": []}
-    for xb in x.split(chunk_size):
+    for xb in x.split(chunk_size) if x.shape[0] else [x]:
         q = vae.posterior(xb)
         z = q.sample((num_particles,))
         terms["reconstruction"].append(vae.likelihood(vae.decoder(z)).log_prob(xb).mean(0).cpu())

@@ -25,6 +25,7 @@ import torch
 from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
 from .discretized import dequantized_log_likelihood_bound
 from .checks import check_count
+from .errors import ConfigError
 from .estimators import DataPlateIWELBO, make_elbo
 from .fast_log_weights import draw_noise, fast_path_vae, matches_pyro, vae_log_weights
 from .runtime import seeded
@@ -169,7 +170,7 @@ class Evaluation:
     reconstruction: float
     kl: float
     log_likelihood: LogLikelihood
-    active_units: int
+    active_units: int | None  # None for a single test image: a variance over images needs two
     kl_per_dimension: list[float]
     data_kind: str  # what log p(x) is of: see pyro_vae.likelihoods.Likelihood.data_kind
     pixels: int
@@ -212,7 +213,9 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     """Evaluate ``vae`` on the test split ``batches`` (a :class:`~pyro_vae.data.DeviceBatches`):
     test ELBO (:func:`mean_elbo`), its two terms, importance-sampled ``log p(x)`` with ``num_samples``
     samples per image and k-hat, active units and KL per latent dimension. The first
-    ``keep_log_weights`` images' log-weights are kept for the ArviZ export.
+    ``keep_log_weights`` images' log-weights are kept for the ArviZ export. ``num_samples`` is at
+    least 2: one importance sample estimates ``log p(x)`` by a one-sample ELBO, which the test ELBO
+    already is, with no standard error per image.
 
     For a density likelihood on 8-bit data (``batches.eight_bit``), also the dequantized bound on the
     probability of the 8-bit images, ``log p((255 x + u) / 256) - D log 256 <= log P(x)``, one
@@ -222,6 +225,12 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     from tqdm.auto import tqdm
 
     check_count("num_samples", num_samples)
+    if num_samples < 2:
+        raise ConfigError(
+            "num_samples (--num-samples) must be at least 2: with one importance sample the estimate of log p(x) is a "
+            "one-sample ELBO, which the test ELBO already reports, with no standard error per image; "
+            "pass 2 or more (Burda et al. use 5000)"
+        )
     check_count("chunk_size", chunk_size)
     check_count("keep_log_weights", keep_log_weights, minimum=0)
     from .memory import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
@@ -230,7 +239,7 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     with seeded(vae.prior_loc.device, seed):
         log_w = [importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in tqdm(batches.eval_batches(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False)]
         x_all = batches.full()
-        terms = elbo_terms(vae, x_all)
+        terms = elbo_terms(vae, x_all, chunk_size=batches.batch_size)  # a batch at a time, as the memory check counts
         dequantized = None
         if vae.likelihood.data_kind == "density" and batches.eight_bit:
             log_p = lambda y: LogLikelihood.from_log_weights(importance_log_weights(vae.model, vae.guide, y[0], num_samples, chunk_size)).log_px.unsqueeze(0)
@@ -242,10 +251,22 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
         reconstruction=terms["reconstruction"].mean().item(),
         kl=terms["kl"].mean().item(),
         log_likelihood=ll,
-        active_units=active_units(vae, x_all)[0] if x_all.shape[0] > 1 else 0,
+        active_units=active_units(vae, x_all)[0] if x_all.shape[0] > 1 else None,
         kl_per_dimension=kl_per_dimension(vae, x_all).tolist(),
         data_kind=vae.likelihood.data_kind,
         pixels=math.prod(vae.x_shape),
         log_weights=torch.cat(log_w, dim=1)[:, :keep_log_weights],
         dequantized=dequantized,
     )
+
+
+def export_inference_data(vae, batches, evaluation: Evaluation, chunk_size: int = 250, **kwargs):
+    """:func:`~pyro_vae.inference_data.to_inference_data` of the first test images whose log-weights
+    ``evaluation`` kept (``kwargs`` go to it), decoding no more draws at a time than
+    :func:`evaluate_model` with this ``chunk_size`` did (``chunk_size x batch``), so that its memory
+    check covers the export too."""
+    from .inference_data import to_inference_data
+
+    n = evaluation.log_weights.shape[1]
+    max_draws = min(chunk_size, evaluation.log_likelihood.num_samples) * batches.batch_size
+    return to_inference_data(vae, batches.full()[:n], log_weights=evaluation.log_weights, max_draws=max_draws, **kwargs)

@@ -54,7 +54,11 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100, training_metrics: Sequence[dict[str, Any]] | None = None) -> "az.InferenceData":
+def to_inference_data(
+    vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100,
+    training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None,
+    max_draws: int | None = None,
+) -> "az.InferenceData":
     """The VAE's fit to the batch ``x`` as :class:`arviz.InferenceData` (one chain).
 
     Groups, with coordinates ``chain = [0]``, ``draw``, ``datapoint``, ``latent_dim``, ``pixel``
@@ -71,6 +75,10 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
     * ``training`` (when ``training_metrics``, a list of per-epoch dicts with an ``"epoch"`` key, is
       given): every other key as a variable over ``epoch``. A custom group too: the trace is per
       epoch of optimization, not per posterior draw, so it does not belong in ``sample_stats``.
+
+    ``attrs``: attributes of the whole object (``pyro-vae evaluate`` records the data's source and
+    fingerprint), kept by :func:`save_inference_data`. ``max_draws``: decode at most this many
+    draws of z at a time (whole datapoints, so at least ``num_draws``; None: all at once).
     """
     if num_draws < 1:
         raise ConfigError(f"num_draws must be positive, got {num_draws}")
@@ -78,12 +86,19 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
         raise DataError("x is an empty batch; export at least one datapoint")
     n = x.shape[0]
     z = vae.posterior(x).sample((num_draws,))
-    likelihood = vae.likelihood(vae.decoder(z))
+    step = n if max_draws is None else max(1, max_draws // num_draws)  # datapoints decoded at a time
+    predictive, log_likelihood = [], []
+    for zc, xc in zip(z.split(step, dim=1), x.split(step)):
+        likelihood = vae.likelihood(vae.decoder(zc))
+        predictive.append(likelihood.sample().reshape(num_draws, xc.shape[0], -1).cpu())
+        log_likelihood.append(likelihood.log_prob(xc).cpu())
     coords = {"datapoint": np.arange(n), "latent_dim": np.arange(vae.z_dim), "pixel": np.arange(x[0].numel())}
     groups = {
         "posterior": _group({"z": _numpy(z, 1, num_draws, n, -1)}, ["datapoint", "latent_dim"], coords),
-        "posterior_predictive": _group({"x": _numpy(likelihood.sample(), 1, num_draws, n, -1)}, ["datapoint", "pixel"], coords),
-        "log_likelihood": _group({"x": _numpy(likelihood.log_prob(x), 1, num_draws, n)}, ["datapoint"], coords),
+        "posterior_predictive": _group(
+            {"x": _numpy(torch.cat(predictive, 1), 1, num_draws, n, -1)}, ["datapoint", "pixel"], coords
+        ),
+        "log_likelihood": _group({"x": _numpy(torch.cat(log_likelihood, 1), 1, num_draws, n)}, ["datapoint"], coords),
         "observed_data": _group({"x": _numpy(x, n, -1)}, ["datapoint", "pixel"], coords, sampled=False),
     }
     if log_weights is not None:
@@ -92,7 +107,7 @@ def to_inference_data(vae, x: torch.Tensor, log_weights: torch.Tensor | None = N
         groups["training"] = training_group(training_metrics)
     import arviz as az
 
-    return az.InferenceData(**groups)
+    return az.InferenceData(attrs=attrs, **groups)
 
 
 def save_inference_data(idata: "az.InferenceData", path: str | PathLike) -> str:

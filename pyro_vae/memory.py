@@ -12,11 +12,13 @@ from .errors import ConfigError
 from .model import VAE
 
 
-def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True) -> int:
+def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = True, parameter_copies: int = 0) -> int:
     """A rough estimate of the memory one step over ``particles`` x ``batch`` draws of z needs: every
     decoder activation (counted on one draw) and the per-pixel numbers that scoring x keeps for each
     draw (``Likelihood.log_prob_numbers``), 4 bytes a number, times 3 with gradients (saved
-    activations, gradients, temporaries) or 2 without."""
+    activations, gradients, temporaries) or 2 without; plus ``parameter_copies`` tensors the size of
+    the parameters still to be allocated (4 before training: the values, their gradients and Adam's
+    two moments). ``vae`` may live on the ``meta`` device, which allocates nothing."""
     counted = []
     hooks = [m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0)) for m in vae.decoder.modules() if not list(m.children())]
     try:
@@ -27,7 +29,8 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
             hook.remove()
     per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
     per_draw += vae.vamp_prior.log_prob_numbers if vae.vamp_prior is not None else 0
-    return particles * batch * per_draw * 4 * (3 if training else 2)
+    parameters = sum(p.numel() * p.element_size() for p in vae.parameters())
+    return particles * batch * per_draw * 4 * (3 if training else 2) + parameter_copies * parameters
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -40,12 +43,14 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0) -> None:
+def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0, parameter_copies: int = 0) -> None:
     """:class:`ConfigError` naming ``options`` if a step (:func:`step_memory_bytes`, plus
     ``extra_bytes``) would need more memory than ``device`` has, before anything is allocated."""
-    need = step_memory_bytes(vae, particles, batch, training) + extra_bytes
+    need = step_memory_bytes(vae, particles, batch, training, parameter_copies) + extra_bytes
     have = available_memory(torch.device(device))
     if have is not None and need > have:
         where = "free GPU memory" if torch.device(device).type == "cuda" else "memory"
-        what = f"{particles} particles x {batch} images a step" + (f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else "")
+        model = f" with a model of {sum(p.numel() for p in vae.parameters()):,} parameters" if parameter_copies else ""
+        kept = f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else ""
+        what = f"{particles} particles x {batch} images a step{model}{kept}"
         raise ConfigError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on {device}; lower {options}")

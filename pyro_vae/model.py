@@ -44,6 +44,7 @@ from .priors import VampPrior
 
 DUMMY_BATCH = (2, 3)  # particles x datapoints: the batch that checks the networks at construction
 
+GENERATE_CHUNK_SIZE = 256  # draws of z that VAE.generate decodes at a time
 
 
 def _count(name: str, value) -> int:
@@ -340,10 +341,10 @@ class VAE(nn.Module):
         return self.likelihood(self.decoder(posterior_center(self.posterior(x)))).mean
 
     @torch.no_grad()
-    def generate(self, n: int) -> torch.Tensor:
-        """Mean of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``."""
+    def generate(self, n: int, chunk_size: int = GENERATE_CHUNK_SIZE) -> torch.Tensor:
+        """Mean of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``, decoded ``chunk_size`` at a time."""
         z = self.prior().sample((_count("the number of samples n", n),))
-        return self.likelihood(self.decoder(z)).mean
+        return torch.cat([self.likelihood(self.decoder(zc)).mean for zc in z.split(_count("chunk_size", chunk_size))])
 
 
 def build_vae(config) -> VAE:

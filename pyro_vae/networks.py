@@ -57,7 +57,7 @@ def positive_scale(raw: torch.Tensor, min_scale: float = MIN_SCALE) -> torch.Ten
 def inverse_positive_scale(scale: torch.Tensor | float, min_scale: float = MIN_SCALE) -> torch.Tensor:
     """The ``raw`` for which :func:`positive_scale` gives ``scale``."""
     y = torch.as_tensor(scale) - min_scale  # keeps a tensor's dtype; floats get the default
-    if torch.any(y <= 0):
+    if torch.any(torch.as_tensor(scale, device="cpu") <= min_scale):  # on the CPU: y may be on the meta device
         raise ConfigError(f"a scale must exceed {min_scale}, got {scale}")
     return y + torch.log(-torch.expm1(-y))
 

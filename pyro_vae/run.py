@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import fnmatch
 import json
 import math
 import os
@@ -67,6 +68,11 @@ class RunFolder:
     """The files of one run: where they are, how they are written, who may write them."""
 
     CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", ".lock"
+    # what training (its figures: pyro_vae.plots.draw_run_figures) and evaluate write here, and temporary files
+    OWN_FILES = (
+        CONFIG, METRICS, CHECKPOINT, LOCK, ".*.tmp", "evaluation*.json", "inference_data*.nc",
+        "elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png",
+    )
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -118,6 +124,22 @@ class RunFolder:
         finally:
             self._lock_fd = None
             os.close(fd)  # releases the lock
+
+    def check_output(self, path: str | os.PathLike, option: str = "--out") -> None:
+        """:class:`ConfigError` if writing ``path`` (a file, or a folder of outputs) would replace
+        this folder itself or one of its own files (:attr:`OWN_FILES`, temporary ones included).
+        ``path``'s folder is resolved, not ``path`` itself: a writer replaces a link, never follows it."""
+        path, here = Path(path), self.path.resolve()
+        if path.resolve() == here:
+            raise ConfigError(
+                f"{option} {path} is the run folder {self.path} itself, which holds the run's files; "
+                f"choose another {option}"
+            )
+        if path.parent.resolve() == here and any(fnmatch.fnmatchcase(path.name, own) for own in self.OWN_FILES):
+            raise ConfigError(
+                f"{option} {path} would replace {path.name}, one of the run's own files in {self.path}; "
+                f"choose another {option}"
+            )
 
     def remove_temporary_files(self) -> None:
         """Temporary files left by a writer that was killed mid-write (only call with the lock held)."""
@@ -179,19 +201,45 @@ class RunFolder:
         check_optimizer(vae, state["optimizer"], self.checkpoint_path)
         return state, config, vae
 
-    def mark_evaluation_stale(self, epochs: int) -> None:
-        """Flag an ``evaluation.json`` that describes an earlier checkpoint than the one of ``epochs``."""
-        path = self.path / "evaluation.json"
+    def config_file_disagreement(self, saved: dict[str, Any]) -> str | None:
+        """How ``config.json`` differs from ``saved``, the configuration in the checkpoint (a hand edit,
+        or a damaged file), in one line; None when they agree or there is no ``config.json``."""
+        path = self.path / self.CONFIG
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        if not (isinstance(record, dict) and record.get("epochs", epochs) < epochs):
-            return
-        note = f"describes the checkpoint after epoch {record['epochs']}; the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
-        if record.get("stale") != note:  # each new checkpoint updates the epoch it names
-            record["stale"] = note
-            self.write_text("evaluation.json", json.dumps(record, indent=2) + "\n")
+            found = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            reason = " ".join(str(e).split())[:120]
+            return f"{path} cannot be read as JSON ({reason}), while its checkpoint holds the run's settings"
+        expected = json.loads(json.dumps(saved))  # the checkpoint's settings as config.json writes them
+        if found == expected:
+            return None
+        if not isinstance(found, dict):
+            kind = type(found).__name__
+            return f"{path} is not a mapping of settings (it holds a {kind}), while its checkpoint holds the settings"
+        absent = "(absent)"
+        differ = [k for k in dict.fromkeys([*expected, *found]) if found.get(k, absent) != expected.get(k, absent)]
+        says = lambda k: f"{k}: {expected.get(k, absent)!r} in the checkpoint, {found.get(k, absent)!r} in config.json"
+        detail = ", ".join(map(says, differ))
+        return f"{path} disagrees with its checkpoint ({detail})"
+
+    def mark_evaluation_stale(self, epochs: int) -> None:
+        """Flag each ``evaluation*.json`` that describes an earlier checkpoint than the one of ``epochs``."""
+        for path in sorted(self.path.glob("evaluation*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(record, dict) and record.get("epochs", epochs) < epochs):
+                continue
+            note = (
+                f"describes the checkpoint after epoch {record['epochs']}; "
+                f"the run has trained to epoch {epochs} since: run pyro-vae evaluate again"
+            )
+            if record.get("stale") != note:  # each new checkpoint updates the epoch it names
+                record["stale"] = note
+                self.write_text(path.name, json.dumps(record, indent=2) + "\n")
 
     def is_fresh_for(self, config: TrainConfig) -> bool:
         """Absent, empty, or holding only this very config (a run stopped before its first
@@ -253,19 +301,40 @@ class SavedRun:
     vae: VAE
     metrics: list[dict[str, Any]]
     data: dict[str, Any]
+    config_file_note: str | None = None  # how config.json disagrees with the checkpoint, whose settings are used
 
     def test_split(self, data_dir: str | None = None, allow_different_data: bool = False) -> DeviceBatches:
         """The run's test split on the VAE's device, from its own data folder or ``data_dir``;
         refused if the data are not those the run was trained on (unless ``allow_different_data``)."""
-        dataset = load_dataset(self.config.dataset, data_dir if data_dir is not None else self.config.data_dir, self.config.download)
-        check_same_data(self.folder.path, self.data, data_identity(dataset), allow_different_data)
-        return split_batches(self.config, dataset, "test", self.vae.prior_loc.device)
+        return self.test_data(data_dir, allow_different_data)[0]
+
+    def test_data(
+        self, data_dir: str | None = None, allow_different_data: bool = False
+    ) -> tuple[DeviceBatches, dict[str, str]]:
+        """:meth:`test_split` and the identity (:func:`data_identity`) of the data it was read from."""
+        folder = data_dir if data_dir is not None else self.config.data_dir
+        dataset = load_dataset(self.config.dataset, folder, self.config.download)
+        found = data_identity(dataset)
+        check_same_data(self.folder.path, self.data, found, allow_different_data)
+        return split_batches(self.config, dataset, "test", self.vae.prior_loc.device), found
+
+    def evaluation_paths(self, found: dict[str, str]) -> tuple[Path, Path]:
+        """Where ``pyro-vae evaluate`` writes its results on the data ``found``: ``evaluation.json`` and
+        ``inference_data.nc`` for the run's own data (the same fingerprint), else
+        ``evaluation-on-<fingerprint>.json`` and ``inference_data-on-<fingerprint>.nc``, so that results
+        on other data never replace those on the run's own."""
+        suffix = "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
+        return self.folder / f"evaluation{suffix}.json", self.folder / f"inference_data{suffix}.nc"
 
 
 def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
     """The VAE of ``config`` with ``weights``; :class:`ConfigError` if they do not fit it."""
     vae = build_vae(config)
+    expected = vae.state_dict()
     try:
+        for name, value in weights.items():  # load_state_dict would convert a wrong dtype silently
+            if isinstance(value, torch.Tensor) and name in expected and value.dtype != expected[name].dtype:
+                raise TypeError(f"{name} is {value.dtype}, the model's {expected[name].dtype}")
         vae.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         detail = " ".join(str(e).split()).replace("Error(s) in loading state_dict for VAE: ", "")
@@ -283,6 +352,11 @@ def check_optimizer(vae: VAE, saved: dict[str, Any], source: Path) -> None:
     optimizer = torch.optim.Adam(vae.parameters())
     try:
         optimizer.load_state_dict(saved)
+        by_id = dict(zip((i for group in saved["param_groups"] for i in group["params"]), vae.parameters()))
+        for i, entries in saved["state"].items():  # as saved: load_state_dict converts a wrong dtype silently
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.dtype != by_id[i].dtype:
+                    raise TypeError(f"{key} is {value.dtype}, its parameter {by_id[i].dtype}")
         for p in vae.parameters():
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
@@ -295,4 +369,5 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> SavedRun:
     """The saved run in ``run_dir``, its VAE on ``device`` in eval mode."""
     folder = RunFolder(run_dir)
     state, config, vae = folder.load_checked()
-    return SavedRun(folder, config, vae.to(resolve_device(device)).eval(), state["metrics"], state["data"])
+    note = folder.config_file_disagreement(state["config"])
+    return SavedRun(folder, config, vae.to(resolve_device(device)).eval(), state["metrics"], state["data"], note)

@@ -3,7 +3,8 @@
 Each step minimizes ``-ELBO_beta`` of a minibatch (:func:`~pyro_vae.kl_weight.elbo_loss`, one of
 :func:`~pyro_vae.make_elbo`'s estimators, ``beta`` the KL weight of annealing) with Adam on the
 VAE's parameters; a step whose loss or gradient is not finite is skipped. Every epoch appends the
-train ELBO and the test ELBO of the model as defined (never weighted) to ``metrics.jsonl``,
+train ELBO and the test ELBO of the model as defined (never weighted; while the KL weight is not 1,
+the weighted objective too, as ``train_objective``) to ``metrics.jsonl``,
 rewrites ``checkpoint.pt`` and redraws the figures, so a run stopped at any moment can be resumed
 (:mod:`pyro_vae.run`) and has something to show.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import pyro
 import torch
+from torch.distributions import kl_divergence
 
 from . import distributed
 from .config import TrainConfig
@@ -34,11 +36,12 @@ from .data import load_dataset
 from .errors import ConfigError, DistributedError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
+from .kl_weight import elbo_loss
 from .launcher import launched
 from .memory import check_step_memory
 from .model import build_vae
 from .run import RunFolder, check_same_data, data_identity, split_batches
-from .runtime import load_torchvision, rng_state, set_rng_state
+from .runtime import load_torchvision, preserved_rng, rng_state, set_rng_state
 from .step import TrainingStep
 
 # a step whose loss or gradient is not finite is skipped; this many in a row stop the run
@@ -87,6 +90,13 @@ class Trainer:
         state = saved_vae = None
         if resume:
             state, saved_config, saved_vae = self.folder.load_checked()  # the one load of the checkpoint
+            edited = self.folder.config_file_disagreement(state["config"])
+            if edited:  # resuming would write the checkpoint's settings over the user's edit
+                options = ", ".join("--" + f.replace("_", "-") for f in TrainConfig.RUNTIME_FIELDS)
+                raise ConfigError(
+                    f"cannot resume {self.folder.path}: {edited}; give a changed setting as an option instead "
+                    f"(those that may change: {options}), or delete config.json to resume as saved"
+                )
             config = self._resumed_config(saved_config, config, changes, len(state["metrics"]))
         elif config is None:
             raise ConfigError("a new run needs its TrainConfig; config=None is for resuming a run")
@@ -96,9 +106,15 @@ class Trainer:
             raise ConfigError(f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or choose another --run-dir")
         load_torchvision()  # it draws every epoch's figures: refused now rather than after the first epoch
         self.device = self.parallel.device(config.device)
+        if saved_vae is None:
+            with torch.device("meta"):  # the model's own checks and its size, nothing allocated yet
+                planned = build_vae(config)
+            # the parameters, their gradients and Adam's two moments: four copies, none allocated yet
+            check_step_memory(planned, config.num_particles, config.batch_size, self.device, "--hidden, --z-dim, --num-particles or --batch-size", parameter_copies=4)
         torch.manual_seed(config.seed)
         self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
-        check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, "--num-particles or --batch-size")
+        if saved_vae is not None:
+            check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, "--num-particles or --batch-size")
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download)
         self.data = data_identity(self.dataset)
         if state is not None:
@@ -160,15 +176,40 @@ class Trainer:
         self.optimizer.step()
         return loss
 
+    @torch.no_grad()
+    def objective_gap(self, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        """``ELBO_beta - ELBO`` of the global batch ``x`` (summed) with the parameters before the step,
+        so that ``-(loss + gap)`` is the ELBO of the step whose loss is ``-ELBO_beta``.
+
+        Where the KL is analytic (Gaussian guide and prior) and the estimator is linear in beta
+        (``trace``, ``meanfield``), it is ``(1 - beta) KL(q(z|x) || p(z))`` from one encoder pass:
+        the very KL of the meanfield loss (exact), an unbiased stand-in for the Monte Carlo KL of
+        ``trace``. Otherwise (the IWAE bound, a VampPrior, an IAF guide) the loss is evaluated at 1
+        and at beta on the draws the step makes (torch's RNG restored after each)."""
+        if self.config.estimator != "iwae":
+            try:
+                return (1 - kl_weight) * kl_divergence(self.vae.posterior(x), self.vae.prior()).sum()
+            except NotImplementedError:
+                pass
+        losses = []
+        for weight in (kl_weight, 1.0):
+            with preserved_rng(self.device), pyro.validation_enabled(False):
+                losses.append(elbo_loss(self.step.elbo, self.vae.model, self.vae.guide, x, weight))
+        return losses[1] - losses[0]
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training split; returns the epoch's training metrics."""
+        """One pass over the training split; returns the epoch's training metrics: ``train_elbo``,
+        the ELBO of the steps' batches, and, if the KL weight was not 1, ``train_objective``,
+        their ``ELBO_beta``, the objective the steps maximized (both nats per image)."""
         from tqdm.auto import tqdm
 
         self.vae.train()
-        total, count, skipped, weight = torch.zeros((), device=self.device), 0, 0, 1.0
+        total, objective = torch.zeros((), device=self.device), torch.zeros((), device=self.device)  # -ELBO, -ELBO_beta
+        count, skipped, weight, weighted = 0, 0, 1.0, False
         bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True, leave=False)
         for step, (x, _) in enumerate(bar):
             weight = self.kl_weight(epoch, step)
+            gap = self.objective_gap(x, weight) if weight != 1 else None  # before the step changes the parameters
             loss = self.train_step(x, weight)
             if self.progress and not self.step_announced:
                 print(f"step: {self.step.describe()}", flush=True)
@@ -179,13 +220,17 @@ class Trainer:
                     raise self.diverged(f"{self.bad_in_a_row} training steps in a row gave a non-finite loss or gradient (epoch {epoch + 1}, step {step + 1})")
                 continue
             self.bad_in_a_row = 0
-            total += loss
+            objective += loss
+            total += loss if gap is None else loss + gap
+            weighted |= gap is not None
             count += x.shape[0]
             if self.progress and step % 50 == 0:
                 bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
         if count == 0:
             raise self.diverged(f"no training step of epoch {epoch + 1} gave a finite loss and gradient")
-        return {"train_elbo": -(total / count).item(), "skipped_steps": skipped, "kl_weight": weight, "step": self.step.describe()}
+        weighted_objective = {"train_objective": -(objective / count).item()} if weighted else {}
+        elbo = -(total / count).item()
+        return {"train_elbo": elbo, **weighted_objective, "skipped_steps": skipped, "kl_weight": weight, "step": self.step.describe()}
 
     def diverged(self, what: str) -> NumericalError:
         last = f"the last good checkpoint is {self.folder.checkpoint_path}" if self.folder.checkpoint_path.exists() else "no checkpoint was written"
@@ -208,7 +253,11 @@ class Trainer:
                 with self.parallel.all_or_none("save the checkpoint"):  # the other ranks wait for rank 0's save
                     self.save()
                 if self.progress:
-                    print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image", flush=True)
+                    annealed = ""
+                    if "train_objective" in row:
+                        weighted = row["train_objective"]
+                        annealed = f"  (KL-weighted objective {weighted:.2f}, KL weight {row['kl_weight']:.3g})"
+                    print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image{annealed}", flush=True)
             return self.metrics
         except DistributedError as e:
             raise self.parallel.explain_failure(e, self.folder.checkpoint_path) from e

@@ -323,16 +323,18 @@ def test_other_data_than_the_run_was_trained_on_is_refused_unless_allowed(folder
     folder.assert_unchanged()
 
 
-def test_other_data_is_used_when_allowed_and_the_evaluation_replaced_atomically(folder, data, capsys):
+def test_other_data_is_used_when_allowed_and_evaluated_into_files_of_its_own(folder, data, capsys):
     succeeds(capsys, [*DATA_COMMANDS["evaluate"](folder, data / "other"), "--allow-different-data", "--idata-points", 2])
     after = folder.files()
-    assert after["evaluation.json"] != folder.before["evaluation.json"] and after["checkpoint.pt"] == folder.before["checkpoint.pt"]
+    assert {name for name in after if name not in folder.before} == {p.name for p in folder.path.glob("*-on-*")} and len(list(folder.path.glob("*-on-*"))) == 2
+    assert all(after[name] == content for name, content in folder.before.items())  # the run's own evaluation.json included
     assert list(folder.path.glob(".*.tmp")) == []
 
 
 def test_a_run_whose_data_moved_is_refused_not_fed_the_systems_data(folder, tmp_path, system_data, capsys):
     state = folder.state()
     state["config"]["data_dir"] = str(tmp_path / "moved")
+    (folder.path / "config.json").write_text(json.dumps(state["config"], indent=2) + "\n")  # as the run wrote both
     folder.save_state(state)
     err = refused(capsys, ["evaluate", folder.path, "--num-samples", 2], f"not found. Looked in: {tmp_path / 'moved'},")
     assert str(system_data) not in err
