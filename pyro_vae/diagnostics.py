@@ -15,6 +15,8 @@ uses it (it takes seconds to import).
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
