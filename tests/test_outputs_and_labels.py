@@ -225,7 +225,7 @@ def test_train_refuses_a_model_whose_parameters_and_adam_state_exceed_memory_bef
     import math
     import resource
 
-    from pyro_vae.run import available_memory
+    from pyro_vae.memory import available_memory
 
     memory = available_memory(torch.device("cpu"))
     width = math.ceil(2 * memory / (16 * (784 + 3 * 20 + 784)))  # 784 -> width -> 2 x 20; 20 -> width -> 784
