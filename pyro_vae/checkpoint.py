@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -89,4 +89,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as e:
         raise ConfigError(f"{path} is not a safe pyro-vae checkpoint (it holds more than tensors and plain data); refusing to load it: {e}") from e
     except Exception as e:  # torch.load fails in many ways on a damaged file; none is the user's bug
-        raise ConfigError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the run folder is damaged: train again") from e
+        raise ConfigError(f"{path} is not a readable checkpoint ({first_line(e, with_type=False)}); the run folder is damaged: train again") from e

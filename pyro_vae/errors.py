@@ -17,8 +17,10 @@ class DistributedError(RuntimeError):
     """The ranks of a distributed run lost each other, disagree, or another rank failed."""
 
 
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """``"Type: first line of the message"`` of ``error``, at most ``limit`` characters: how an error
-    from another layer (torch, a peer rank, a tracer) is quoted inside one of ours."""
+def first_line(error: BaseException, limit: int = 300, with_type: bool = True) -> str:
+    """``"Type: first line of the message"`` of ``error`` (without ``Type: `` if not ``with_type``;
+    the type alone for an empty message), at most ``limit`` characters: how an error from another
+    layer (torch, a peer rank, a tracer, a file) is quoted inside one of ours."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:limit]
+    line = text.splitlines()[0] if text else ""
+    return (f"{type(error).__name__}: {line}" if with_type or not line else line)[:limit]

@@ -26,7 +26,7 @@ from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, paret
 from .discretized import dequantized_log_likelihood_bound
 from .checks import check_count
 from .errors import ConfigError
-from .estimators import DataPlateIWELBO, make_elbo
+from .estimators import DataPlateIWELBO, log_mean_exp, make_elbo
 from .fast_log_weights import draw_noise, fast_path_vae, matches_pyro, vae_log_weights
 from .runtime import seeded
 
@@ -94,7 +94,7 @@ class LogLikelihood:
         k = log_w.shape[0]
         w = torch.exp(log_w - log_w.max(0).values)
         standard_error = w.std(0) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(w[0], float("nan"))
-        return cls(torch.logsumexp(log_w, 0) - math.log(k), standard_error, pareto_k(log_w), k)
+        return cls(log_mean_exp(log_w), standard_error, pareto_k(log_w), k)
 
     @classmethod
     def cat(cls, parts: "list[LogLikelihood]") -> "LogLikelihood":

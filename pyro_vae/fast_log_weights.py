@@ -49,12 +49,15 @@ class FastPathWarning(UserWarning):
 
 
 def fast_path_vae(model, guide, plate_name: str, max_plate_nesting: int, kwargs: dict) -> VAE | None:
-    """The :class:`~pyro_vae.model.VAE` whose own ``model`` and ``guide`` these are, called with
-    ``x`` alone, outside any Pyro handler, on the ``"data"`` plate; else None (the Pyro path)."""
+    """The :class:`~pyro_vae.model.VAE` whose own ``model`` and ``guide`` these are, with the
+    standard prior and the Gaussian guide (the ones the fast path writes out), called with ``x``
+    alone, outside any Pyro handler, on the ``"data"`` plate; else None (the Pyro path)."""
     vae = getattr(model, "__self__", None)
     if not isinstance(vae, VAE) or getattr(guide, "__self__", None) is not vae:
         return None
     if model.__func__ is not VAE.model or guide.__func__ is not VAE.guide:
+        return None
+    if vae.prior_name != "standard" or vae.guide_name != "gaussian":
         return None
     if kwargs or plate_name != "data" or max_plate_nesting != 1 or am_i_wrapped():
         return None

@@ -34,7 +34,6 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-MNIST_CLASSES = tuple(str(d) for d in range(10))
 
 _DPI = 100
 _PAD = 2  # pixels between tiles of an image grid

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 def load_torchvision():
@@ -23,7 +23,7 @@ def load_torchvision():
     try:
         import torchvision
     except (ImportError, RuntimeError) as e:
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = first_line(e, with_type=False)
         raise ConfigError(
             f"torchvision cannot be loaded with torch {torch.__version__} ({cause}); install the torchvision "
             "built for this torch, both from the same index: pip install --force-reinstall torch torchvision"

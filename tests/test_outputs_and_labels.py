@@ -137,7 +137,7 @@ def test_train_elbo_under_kl_annealing_is_the_elbo_and_the_objective_has_its_own
     trainer = Trainer(config, tmp_path / "run", progress=False)
     initial = {k: v.clone() for k, v in trainer.vae.state_dict().items()}
     start = torch.get_rng_state()
-    trainer.run()
+    trainer.fit()
     assert max((v - initial[k]).abs().max().item() for k, v in trainer.vae.state_dict().items()) < 1e-10  # Adam's steps are ~lr
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
 

@@ -375,7 +375,7 @@ def test_identity_counts_pseudo_inputs_and_flow_steps_only_where_they_are_read()
     assert "pseudo_inputs" not in TrainConfig().identity() and "flow_steps" not in TrainConfig().identity()
     identity = TrainConfig(prior="vamp", guide="iaf").identity()
     assert identity["pseudo_inputs"] == 500 and identity["flow_steps"] == 2 and identity["prior"] == "vamp"
-    with pytest.raises(ConfigError, match="unknown prior 'gauss'"):
+    with pytest.raises(ConfigError, match="the prior 'gauss' cannot train here"):
         TrainConfig(prior="gauss").validate()
 
 
