@@ -12,7 +12,8 @@ if WORKERS > 1:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu", help="where tests that take the device fixture build their models and data: cpu (default), cuda or cuda:N")
+    what = "where tests that take the device fixture build their models and data: cpu (default), cuda or cuda:N"
+    parser.addoption("--device", default="cpu", help=what)
 
 
 def pytest_collection_modifyitems(items):

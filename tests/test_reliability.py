@@ -126,7 +126,8 @@ def poison_decoder(trainer, bad_calls):
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's warning for the NaNs this test makes
 def test_transient_nan_steps_are_skipped_counted_and_leave_parameters_finite(tmp_path, data_dir, device):
-    trainer = Trainer(TrainConfig(epochs=1, data_dir=data_dir, device=str(device), **SMALL), tmp_path / "run", progress=False)
+    config = TrainConfig(epochs=1, data_dir=data_dir, device=str(device), **SMALL)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
     poison_decoder(trainer, bad_calls={2, 3, 5})
     (row,) = trainer.run()
     assert row["skipped_steps"] == 3 and row["train_elbo"] == row["train_elbo"]  # counted, not NaN

@@ -32,7 +32,8 @@ def read_metrics(run_dir):
 
 
 def test_a_run_leaves_config_metrics_checkpoint_and_figures(tmp_path, data_dir, device):
-    metrics = train(TrainConfig(epochs=2, data_dir=data_dir, device=str(device), **SMALL), tmp_path / "run", progress=False)
+    config = TrainConfig(epochs=2, data_dir=data_dir, device=str(device), **SMALL)
+    metrics = train(config, tmp_path / "run", progress=False)
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png"} <= files
     assert read_metrics(tmp_path / "run") == metrics and [m["epoch"] for m in metrics] == [1, 2]

@@ -144,7 +144,8 @@ def test_evaluate_model_reports_bits_per_dim_only_for_a_probability(tmp_path, da
     for likelihood, binarize, kind in (("bernoulli", "dynamic", "binary"), ("normal", "none", "density")):
         torch.manual_seed(0)
         vae = VAE(likelihood=likelihood, hidden=(16,), z_dim=2).to(device)
-        test = DeviceBatches(data.test_images, data.test_labels, 16, binarization=binarize, shuffle=False, device=device)
+        test = DeviceBatches(data.test_images, data.test_labels, 16, binarization=binarize, shuffle=False,
+                             device=device)
         result = evaluate_model(vae, test, seed=0, num_samples=20, chunk_size=7, keep_log_weights=40)
         assert result.data_kind == kind and result.test_images == 64
         assert result.log_weights.shape == (20, 40)  # beyond the first batch of 16
@@ -166,7 +167,8 @@ def test_the_pyro_elbo_equals_the_hand_written_one_under_the_same_draws(architec
     torch.manual_seed(4)
     kwargs = dict(normal_scale=scale) if scale is not None else dict(mixture_components=3)
     hidden = (8,) if architecture == "conv" else (12,)
-    vae = VAE(x_dim=784, z_dim=3, likelihood=likelihood, architecture=architecture, hidden=hidden, **kwargs).double().to(device)
+    vae = VAE(x_dim=784, z_dim=3, likelihood=likelihood, architecture=architecture, hidden=hidden, **kwargs)
+    vae = vae.double().to(device)
     with torch.no_grad():  # learned scales away from their initial value, so a mix-up would show
         for p in vae.likelihood.parameters():
             p.add_(torch.randn_like(p) * 0.3)
