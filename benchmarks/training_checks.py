@@ -54,7 +54,7 @@ def metric_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def watch(cmd: list[str], run_dir: Path, env: dict[str, str], kill_after_epochs: int | None = None) -> dict:
+def watch(cmd: list[str], run_dir: Path, env: dict | None = None, kill_after_epochs: int | None = None) -> dict:
     """Run ``cmd`` (which trains in ``run_dir``) to its end, or SIGKILL it once ``kill_after_epochs``
     epochs are saved; returns its exit status, output and the seconds each epoch took."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -120,24 +120,24 @@ def compare_runs(reference: Path, other: Path) -> dict:
             entry.update(max_abs=diff, relative=diff / max(y.double().abs().max().item(), 1e-300))
         differing.append(entry)
     ma, mb = metric_lines(other), metric_lines(reference)
-    metric_diffs = (
-        {
-            k: max(abs(r[k] - s[k]) / max(abs(s[k]), 1e-300) for r, s in zip(ma, mb))
-            for k in ("train_elbo", "test_elbo")
-        }
-        if len(ma) == len(mb) and ma
-        else {}
-    )
     return {
         "identical": not differing and ma == mb,
         "metrics_identical": ma == mb,
         "epochs": [len(ma), len(mb)],
-        "metrics_relative_difference": metric_diffs,
+        "metrics_relative_difference": relative_differences(ma, mb),
         "tensors_compared": len(ta.keys() & tb.keys()),
         "only_in_one": sorted(ta.keys() ^ tb.keys()),
         "differing": differing,
         "tolerance": max((d.get("relative", float("inf")) for d in differing), default=0.0),
     }
+
+
+def relative_differences(rows: list[dict], reference: list[dict]) -> dict[str, float]:
+    """The largest relative difference of the train and test ELBO over the epochs of two runs."""
+    if not rows or len(rows) != len(reference):
+        return {}
+    largest = lambda k: max(abs(r[k] - s[k]) / max(abs(s[k]), 1e-300) for r, s in zip(rows, reference))  # noqa: E731
+    return {k: largest(k) for k in ("train_elbo", "test_elbo")}
 
 
 def describe_comparison(c: dict) -> str:
@@ -156,45 +156,22 @@ class Runs:
         self.args, self.work = args, args.work
         self.sizes = SIZES[args.check][1 if args.quick else 0]
         self.epochs = int(self.sizes[self.sizes.index("--epochs") + 1])
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
-            ),
-        }
 
     def options(self, run: str, *extra: str) -> list[str]:
         data = ["--data-dir", self.args.data_dir] if self.args.data_dir else []
-        return [
-            "train",
-            "--run-dir",
-            str(self.work / run),
-            "--device",
-            self.args.device,
-            "--no-progress",
-            *data,
-            *self.sizes,
-            *extra,
-        ]
+        where = ["--run-dir", str(self.work / run), "--device", self.args.device]
+        return ["train", *where, "--no-progress", *data, *self.sizes, *extra]
 
     def cli(self, run: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "pyro_vae.cli", *self.options(run, *extra)]
 
     def torchrun(self, run: str, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=1",
-            "-m",
-            "pyro_vae.cli",
-            *self.options(run, *extra),
-        ]
+        job = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+        return [sys.executable, *job, "-m", "pyro_vae.cli", *self.options(run, *extra)]
 
 
 def check_readme(runs: Runs) -> dict:
-    done = watch(runs.cli("readme"), runs.work / "readme", runs.env)
+    done = watch(runs.cli("readme"), runs.work / "readme")
     metrics = metric_lines(runs.work / "readme")
     elbo, seconds = metrics[-1]["test_elbo"] if metrics else None, timing(done["epoch_s"])
     passed = (
@@ -221,7 +198,7 @@ def check_readme(runs: Runs) -> dict:
 
 def check_torchrun(runs: Runs) -> dict:
     backend = "nccl" if runs.args.device.startswith("cuda") else "gloo"
-    env = {**runs.env, "OMP_NUM_THREADS": "1"}  # torchrun sets 1 thread per worker: the same for the single process
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun sets 1 thread per worker: the same for the single process
     single = watch(runs.cli("single", "--step", "eager"), runs.work / "single", env)
     job = watch(runs.torchrun("torchrun", "--step", "eager", "--backend", backend), runs.work / "torchrun", env)
     ran = single["returncode"] == 0 and job["returncode"] == 0
@@ -246,10 +223,10 @@ def check_torchrun(runs: Runs) -> dict:
 
 def check_resume(runs: Runs) -> dict:
     epochs = runs.epochs
-    straight = watch(runs.cli("straight"), runs.work / "straight", runs.env)
-    killed = watch(runs.cli("killed"), runs.work / "killed", runs.env, kill_after_epochs=1)
+    straight = watch(runs.cli("straight"), runs.work / "straight")
+    killed = watch(runs.cli("killed"), runs.work / "killed", kill_after_epochs=1)
     done_before_kill = len(metric_lines(runs.work / "killed"))
-    resumed = watch(runs.cli("killed", "--resume"), runs.work / "killed", runs.env)
+    resumed = watch(runs.cli("killed", "--resume"), runs.work / "killed")
     mid_run = killed["returncode"] == -signal.SIGKILL and 1 <= done_before_kill < epochs
     ran = straight["returncode"] == 0 and resumed["returncode"] == 0 and mid_run
     comparison = compare_runs(runs.work / "straight", runs.work / "killed") if ran else None
