@@ -9,15 +9,17 @@ and guide) on every batch, the Pyro program (``fast_path=False``) on the first `
 batches. The work is dominated by the decoder, 2 (z h + h D) FLOPs per image-sample for an MLP
 z -> h -> D; its achieved FLOP rate is compared with a float32 2048x2048 matmul timed three times before
 each batch, so load that drifts on a shared machine hits both alike; on a CPU both are timed in CPU
-seconds of this process, which other processes' time slices do not inflate.
+seconds of this process, which other processes' time slices do not inflate. ``--json PATH`` also writes the figures there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -48,6 +50,7 @@ def main(argv=None):
     p.add_argument("--pyro-batches", type=int, default=1, help="batches also run through the Pyro program (0: none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ImportanceSamplingWarning)  # untrained weights: speed only
@@ -85,6 +88,14 @@ def main(argv=None):
         print(f"fast path / Pyro program: {rates[True] / rates[False]:.2f}x")
     whole = 10000 * args.num_samples / rates[True]
     print(f"the whole test set (10000 images) would take {whole:.0f} s at the fast path's rate (one core)")
+    if args.json:
+        figures = {
+            "machine": describe_machine(device), "images": pairs[True] // args.num_samples, "num_samples": args.num_samples,
+            "chunk_size": args.chunk_size, "batch_size": args.batch_size, "seconds": seconds[True],
+            "image_samples_per_s": rates[True], "decoder_flops_per_s": rates[True] * flops, "matmul_flops_per_s": peak,
+            "fraction_of_matmul": rates[True] * flops / peak, "pyro_image_samples_per_s": rates.get(False),
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

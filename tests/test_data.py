@@ -326,10 +326,11 @@ def test_no_shuffle_keeps_stored_order():
 
 
 @pytest.mark.parametrize("flatten, shape", [(True, (16, 784)), (False, (16, 1, 28, 28))])
-def test_batch_shapes(flatten, shape):
-    db = batches(flatten=flatten)
+def test_batch_shapes(flatten, shape, device):
+    db = batches(flatten=flatten, device=device)
     x, y = next(iter(db.epoch(0)))
     assert x.shape == shape and x.dtype == torch.float32 and y.shape == (16,) and y.dtype == torch.int64
+    assert x.device == y.device == device
     assert db.full().shape == (N_TRAIN, *shape[1:])
 
 

@@ -93,7 +93,8 @@ def test_pareto_k_rejects_a_single_vector():
 # ---------------------------------------------------------------- importance weights
 
 
-def test_importance_log_weights_are_the_ones_log_marginal_likelihood_averages(vae, x):
+def test_importance_log_weights_are_the_ones_log_marginal_likelihood_averages(vae, x, device):
+    vae, x = vae.to(device), x.to(device)
     torch.manual_seed(5)
     log_w = importance_log_weights(vae.model, vae.guide, x, num_samples=250, chunk_size=100)
     torch.manual_seed(5)

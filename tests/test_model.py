@@ -14,18 +14,18 @@ from .conftest import binary_batch, continuous_batch
 B, Z_DIM = 6, 4
 
 
-def small_vae(architecture="mlp", **kwargs):
-    return VAE(z_dim=Z_DIM, architecture=architecture, hidden=(32,), **kwargs)
+def small_vae(architecture="mlp", device="cpu", **kwargs):
+    return VAE(z_dim=Z_DIM, architecture=architecture, hidden=(32,), **kwargs).to(device)
 
 
-def batch(architecture="mlp", n=B):
-    x = binary_batch(n, 784)
+def batch(architecture="mlp", n=B, device="cpu"):
+    x = binary_batch(n, 784).to(device)
     return x.reshape(n, 1, 28, 28) if architecture == "conv" else x
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
-def test_trace_has_the_contracted_sites_plate_and_shapes(architecture):
-    vae, x = small_vae(architecture), batch(architecture)
+def test_trace_has_the_contracted_sites_plate_and_shapes(architecture, device):
+    vae, x = small_vae(architecture, device), batch(architecture, device=device)
     guide_trace = poutine.trace(vae.guide).get_trace(x)
     model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     z, obs = model_trace.nodes["z"], model_trace.nodes["x"]
@@ -41,8 +41,8 @@ def test_trace_has_the_contracted_sites_plate_and_shapes(architecture):
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
-def test_vectorized_particles_add_a_leading_dimension(architecture):
-    vae, x = small_vae(architecture), batch(architecture)
+def test_vectorized_particles_add_a_leading_dimension(architecture, device):
+    vae, x = small_vae(architecture, device), batch(architecture, device=device)
     particles = pyro.plate("particles", 3, dim=-2)
     guide_trace = poutine.trace(particles(vae.guide)).get_trace(x)
     model_trace = poutine.trace(poutine.replay(particles(vae.model), trace=guide_trace)).get_trace(x)
@@ -52,14 +52,15 @@ def test_vectorized_particles_add_a_leading_dimension(architecture):
     assert model_trace.nodes["x"]["log_prob"].shape == (3, B)
 
 
-def test_predictive_posterior_and_prior_predictive_shapes():
-    vae, x = small_vae(), batch()
+def test_predictive_posterior_and_prior_predictive_shapes(device):
+    vae, x = small_vae(device=device), batch(device=device)
     posterior = Predictive(vae.model, guide=vae.guide, num_samples=5, return_sites=["z"])(x)
     assert posterior["z"].shape == (5, B, Z_DIM)
     parallel = Predictive(vae.model, guide=vae.guide, num_samples=5, parallel=True, return_sites=["z", "x"])(x)
     assert parallel["z"].shape == (5, B, Z_DIM)
     prior = Predictive(vae.model, num_samples=7, return_sites=["z", "x"])(batch_size=3)
     assert prior["x"].shape == (7, 3, 784) and set(prior["x"].unique().tolist()) <= {0.0, 1.0}
+    assert prior["x"].device == posterior["z"].device == x.device
 
 
 def test_plate_subsampling_scales_the_likelihood_and_indexes_the_data():
@@ -112,8 +113,8 @@ def test_poutine_scale_and_kl_weight_compose():
 
 @pytest.mark.parametrize("estimator", ["trace", "meanfield", "iwae"])
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
-def test_svi_learns_with_vectorized_particles(estimator, architecture):
-    vae, x = small_vae(architecture), batch(architecture)
+def test_svi_learns_with_vectorized_particles(estimator, architecture, device):
+    vae, x = small_vae(architecture, device), batch(architecture, device=device)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), make_elbo(estimator, 4))
     first = svi.evaluate_loss(x)
     for _ in range(60):

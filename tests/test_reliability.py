@@ -83,20 +83,20 @@ def test_any_batch_either_trains_or_is_refused_before_the_step_with_parameters_u
     assert tried["valid"] >= 50 and tried["refused"] >= 50
 
 
-def test_data_on_another_device_is_refused():
-    with pytest.raises(DataError, match="meta.*model is on cpu"):
-        small("normal").model(torch.empty(3, 6, device="meta"))
+def test_data_on_another_device_is_refused(device):
+    with pytest.raises(DataError, match=f"meta.*model is on {device}"):
+        small("normal").to(device).model(torch.empty(3, 6, device="meta"))
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("estimator", ["trace", "meanfield", "iwae"])
-def test_extreme_inputs_and_logits_give_finite_losses_and_gradients(likelihood, estimator):
-    vae = small(likelihood)
+def test_extreme_inputs_and_logits_give_finite_losses_and_gradients(likelihood, estimator, device):
+    vae = small(likelihood).to(device)
     for bias in (1e4, -1e4, 0.0):
         with torch.no_grad():
             vae.decoder.net[-1].bias.fill_(bias)  # huge logits / means
             vae.encoder.net[-1].bias[2:].fill_(-bias)  # scales at their floor or huge
-        for x in (torch.zeros(3, 6), torch.ones(3, 6)):
+        for x in (torch.zeros(3, 6, device=device), torch.ones(3, 6, device=device)):
             vae.zero_grad()
             loss = make_elbo(estimator, 3).differentiable_loss(vae.model, vae.guide, x)
             loss.backward()
@@ -125,9 +125,10 @@ def poison_decoder(trainer, bad_calls):
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's warning for the NaNs this test makes
-def test_transient_nan_steps_are_skipped_counted_and_leave_parameters_finite(tmp_path, data_dir):
+def test_transient_nan_steps_are_skipped_counted_and_leave_parameters_finite(tmp_path, data_dir, device):
     # the eager step: a forward hook runs on every call there (a traced graph runs it once, when traced)
-    trainer = Trainer(TrainConfig(epochs=1, data_dir=data_dir, **SMALL, step="eager"), tmp_path / "run", progress=False)
+    config = TrainConfig(epochs=1, data_dir=data_dir, device=str(device), **SMALL, step="eager")
+    trainer = Trainer(config, tmp_path / "run", progress=False)
     poison_decoder(trainer, bad_calls={2, 3, 5})
     (row,) = trainer.fit()
     assert row["skipped_steps"] == 3 and row["train_elbo"] == row["train_elbo"]  # counted, not NaN

@@ -23,7 +23,7 @@ from pyro_vae.estimators import make_elbo
 from pyro_vae.model import VAE
 from pyro_vae.kl_weight import elbo_loss
 
-from .conftest import binary_batch, continuous_batch
+from .conftest import binary_batch, continuous_batch, rng_state
 
 LIKELIHOODS = [
     ("bernoulli", "shared"), ("continuous_bernoulli", "shared"), ("normal", 0.5), ("normal", "shared"), ("normal", "pixel"), ("normal", "decoder"),
@@ -62,7 +62,7 @@ def eager_loss_and_grads(vae, estimator, particles, x, kl_weight, seed=5, elbo=N
     loss.backward()
     grads = [None if p.grad is None else p.grad.clone() for p in vae.parameters()]
     vae.zero_grad(set_to_none=True)
-    return loss.detach(), grads, torch.get_rng_state()
+    return loss.detach(), grads, rng_state(x.device)
 
 
 def graph_loss_and_grads(step, x, kl_weight, seed=5):
@@ -71,7 +71,7 @@ def graph_loss_and_grads(step, x, kl_weight, seed=5):
     loss = step(x, kl_weight)
     grads = [None if p.grad is None else p.grad.clone() for p in step.vae.parameters()]
     step.vae.zero_grad(set_to_none=True)
-    return loss, grads, torch.get_rng_state()
+    return loss, grads, rng_state(x.device)
 
 
 def assert_same(eager, graph, rtol=1e-6, atol=0.0):
@@ -104,10 +104,10 @@ FAST = (
     [case if case in FAST else pytest.param(*case, marks=pytest.mark.slow) for case in GRID],
     ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
-def test_traced_step_equals_eager_pyro_elbo(architecture, estimator, likelihood, particles):
+def test_traced_step_equals_eager_pyro_elbo(architecture, estimator, likelihood, particles, device):
     name, scale = likelihood
-    vae = make_vae(architecture, name, scale)
-    x = make_batch(vae, name)
+    vae = make_vae(architecture, name, scale).to(device)
+    x = make_batch(vae, name).to(device)
     eager = eager_loss_and_grads(vae, estimator, particles, x, KL_WEIGHT)
     step = TrainingStep(vae, estimator, particles, mode="traced")
     with warnings.catch_warnings():

@@ -31,16 +31,17 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_leaves_config_metrics_checkpoint_and_figures(tmp_path, data_dir):
-    metrics = train(TrainConfig(epochs=2, data_dir=data_dir, **SMALL), tmp_path / "run", progress=False)
+def test_a_run_leaves_config_metrics_checkpoint_and_figures(tmp_path, data_dir, device):
+    config = TrainConfig(epochs=2, data_dir=data_dir, device=str(device), **SMALL)
+    metrics = train(config, tmp_path / "run", progress=False)
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png"} <= files
     assert read_metrics(tmp_path / "run") == metrics and [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["skipped_steps"] == 0 and m["test_elbo"] < 0 for m in metrics)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["z_dim"] == 2
-    run = load_run(tmp_path / "run", "cpu")
+    run = load_run(tmp_path / "run", str(device))
     config, vae, saved = run.config, run.vae, run.metrics
-    assert config.z_dim == 2 and saved == metrics and not vae.training
+    assert config.z_dim == 2 and saved == metrics and not vae.training and vae.prior_loc.device == device
 
 
 @pytest.mark.slow

@@ -47,12 +47,12 @@ def test_log_px_is_that_of_the_model_whatever_weight_surrounds_it():
     assert estimates[0] <= exact + 4 * math.sqrt(x.shape[0]) * 0.01  # a lower bound in expectation; 0.01 >> its s.e. per point
 
 
-def test_the_logged_test_elbo_during_annealing_is_the_elbo_of_the_saved_model(tmp_path, data_dir):
-    config = TrainConfig(**TINY, data_dir=data_dir, epochs=1, kl_anneal_epochs=4)
+def test_the_logged_test_elbo_during_annealing_is_the_elbo_of_the_saved_model(tmp_path, data_dir, device):
+    config = TrainConfig(**TINY, data_dir=data_dir, epochs=1, kl_anneal_epochs=4, device=str(device))
     trainer = Trainer(config, tmp_path / "run", progress=False)
     metrics = trainer.fit()
     assert metrics[-1]["kl_weight"] == pytest.approx(0.25)  # training ended mid-anneal
-    run = load_run(tmp_path / "run", "cpu")
+    run = load_run(tmp_path / "run", str(device))
     fresh = mean_elbo(run.vae, run.test_split().eval_batches(), config.seed)
     assert metrics[-1]["test_elbo"] == fresh  # the same model, the same draws: the same number
     # and the unweighted ELBO really differs from the weighted one the old code logged
@@ -137,14 +137,15 @@ def test_a_poor_proposal_comes_with_k_hat_and_a_warning():
 # --- 4. evaluation as a library --------------------------------------------------------------
 
 
-def test_evaluate_model_reports_bits_per_dim_only_for_a_probability(tmp_path, data_dir):
+def test_evaluate_model_reports_bits_per_dim_only_for_a_probability(tmp_path, data_dir, device):
     from pyro_vae.data import DeviceBatches, load_dataset
 
     data = load_dataset("mnist", data_dir)
     for likelihood, binarize, kind in (("bernoulli", "dynamic", "binary"), ("normal", "none", "density")):
         torch.manual_seed(0)
-        vae = VAE(likelihood=likelihood, hidden=(16,), z_dim=2)
-        test = DeviceBatches(data.test_images, data.test_labels, 16, binarization=binarize, shuffle=False)
+        vae = VAE(likelihood=likelihood, hidden=(16,), z_dim=2).to(device)
+        test = DeviceBatches(data.test_images, data.test_labels, 16, binarization=binarize, shuffle=False,
+                             device=device)
         result = evaluate_model(vae, test, seed=0, num_samples=20, chunk_size=7, keep_log_weights=40)
         assert result.data_kind == kind and result.test_images == 64
         assert result.log_weights.shape == (20, 40)  # beyond the first batch of 16
@@ -162,15 +163,16 @@ def test_evaluate_model_reports_bits_per_dim_only_for_a_probability(tmp_path, da
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
 @pytest.mark.parametrize("likelihood,scale", [("bernoulli", None), ("continuous_bernoulli", None), ("normal", 0.7), ("normal", "shared"), ("normal", "pixel"), ("normal", "decoder"),
                                               ("discretized_logistic", None), ("discretized_normal", None), ("discretized_logistic_mixture", None)])
-def test_the_pyro_elbo_equals_the_hand_written_one_under_the_same_draws(architecture, likelihood, scale):
+def test_the_pyro_elbo_equals_the_hand_written_one_under_the_same_draws(architecture, likelihood, scale, device):
     torch.manual_seed(4)
     kwargs = dict(normal_scale=scale) if scale is not None else dict(mixture_components=3)
     hidden = (8,) if architecture == "conv" else (12,)
-    vae = VAE(x_dim=784, z_dim=3, likelihood=likelihood, architecture=architecture, hidden=hidden, **kwargs).double()
+    vae = VAE(x_dim=784, z_dim=3, likelihood=likelihood, architecture=architecture, hidden=hidden, **kwargs)
+    vae = vae.double().to(device)
     with torch.no_grad():  # learned scales away from their initial value, so a mix-up would show
         for p in vae.likelihood.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    x = continuous_batch(3, 784).double()
+    x = continuous_batch(3, 784).double().to(device)
     if likelihood == "bernoulli":
         x = torch.bernoulli(x)
     if likelihood.startswith("discretized"):
