@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -336,10 +337,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class OutputWithoutReader:
+    """``sys.stdout`` for a command whose reader may go (``pyro-vae train ... | head -3``): once the
+    pipe is closed, what is printed goes to ``/dev/null``, so that a run goes on and writes its files."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Point the stream's file descriptor at /dev/null: what it still buffers goes there too."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv``; returns the exit status (a torchrun worker ends the process
     instead, by :func:`pyro_vae.distributed.end_process`)."""
-    code = _dispatch(argv)
+    stdout, sys.stdout = sys.stdout, OutputWithoutReader(sys.stdout)
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # now, while a closed pipe is still caught, rather than as the process exits
+    finally:
+        sys.stdout = stdout
     if launched():
         from .distributed import end_process
 
