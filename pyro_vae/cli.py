@@ -150,7 +150,12 @@ def train_command(args: argparse.Namespace) -> int:
             try:
                 metrics = trainer.fit()
             except KeyboardInterrupt:
-                say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
+                if trainer.epochs_done == 0:  # no checkpoint: nothing to resume, and nothing lost by starting again
+                    say(f"\ninterrupted in the first epoch, before any checkpoint: start the run again with the same "
+                        f"command (not --resume), or choose another --run-dir", file=sys.stderr)
+                else:
+                    say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: "
+                        f"pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
                 return 130
         if metrics:
             last = metrics[-1]
@@ -403,6 +408,9 @@ def _dispatch(argv: list[str] | None) -> int:
     except DistributedError as e:
         print(f"pyro-vae: error{rank_label()}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # train says what it kept itself; the other commands replace files whole or not at all
+        print(f"pyro-vae: {args.command} interrupted; the files it had not finished writing are as they were", file=sys.stderr)
+        return 130
     except Exception as e:
         if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
             print(f"pyro-vae: error{rank_label()}: out of memory; lower {args.memory_options}", file=sys.stderr)

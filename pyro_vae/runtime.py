@@ -9,6 +9,8 @@ stream untouched.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -88,3 +90,20 @@ def seeded(device: torch.device, seed: int) -> Iterator[None]:
     with preserved_rng(device):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise :class:`KeyboardInterrupt`: a save
+    is never cut in half. Outside the main thread, where Python delivers no signal, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -75,3 +75,78 @@ def test_evaluate_with_its_reader_gone_writes_its_results_without_a_traceback(tm
     assert evaluate.wait(timeout=300) == 0, err
     assert err == ""
     assert json.loads((run / "evaluation.json").read_text())["epochs"] == 1
+
+
+# ----------------------------------------------------------------------------------- 8: Ctrl-C
+
+
+def files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_first_epoch_says_start_again_not_resume(tmp_path):
+    data, run = tmp_path / "idx", tmp_path / "run"
+    write_dataset(data, gz=True, n_train=3000, n_test=8)
+    train = start(["train", *TINY, "--batch-size", 1, "--epochs", 1, "--data-dir", data, "--run-dir", run])
+    while not train.stdout.readline().startswith("step:"):  # the first step is done: in the first epoch
+        assert train.poll() is None, train.stderr.read()
+    train.send_signal(signal.SIGINT)
+    err = train.stderr.read()
+    assert train.wait(timeout=120) == 130, err
+    assert "Traceback" not in err and "--resume --run-dir" not in err, err
+    assert "interrupted in the first epoch, before any checkpoint: start the run again with the same command" in err
+    assert sorted(files(run)) == ["config.json"]  # nothing to resume; the same command starts afresh
+    from pyro_vae import TrainConfig
+    from pyro_vae.run import RunFolder
+
+    assert RunFolder(run).is_fresh_for(TrainConfig.from_dict(json.loads((run / "config.json").read_text()), "config.json"))
+
+
+INTERRUPT_THE_SECOND_SAVE = """
+import os, signal, sys
+from pyro_vae import cli
+from pyro_vae.train import Trainer
+
+save = Trainer.save
+
+def save_and_press_ctrl_c(self):
+    if len(self.metrics) == 2:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the second epoch's checkpoint is being written
+    save(self)
+
+Trainer.save = save_and_press_ctrl_c
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_save_keeps_the_epoch_it_names(tmp_path, data):
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--no-progress", "--epochs", 3, "--data-dir", data, "--run-dir", run]
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_THE_SECOND_SAVE, *map(str, argv)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == f"interrupted after 2 epochs; continue with: pyro-vae train --resume --run-dir {run}"
+    assert epochs_saved(run) == 2 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_ctrl_c_ends_evaluate_and_compare_with_one_line_and_their_files_as_they_were(tmp_path, trained, command):
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
+    before = files(run)
+    if command == "evaluate":
+        victim = start(["evaluate", run, "--num-samples", 1000000, "--chunk-size", 100, "--no-progress"])
+        while not (run / ".lock").exists() or (run / ".lock").read_text().strip() != str(victim.pid):  # evaluating
+            assert victim.poll() is None, victim.stderr.read()
+    else:
+        victim = start(["compare", run, "--repeats", 100000, "--no-progress"])
+        assert victim.stdout.readline().endswith("test images\n")  # the title: comparing
+    victim.send_signal(signal.SIGINT)
+    err = victim.stderr.read()
+    assert victim.wait(timeout=120) == 130, err
+    assert err == f"pyro-vae: {command} interrupted; the files it had not finished writing are as they were\n"
+    assert files(run) == before
+
