@@ -150,3 +150,28 @@ def test_ctrl_c_ends_evaluate_and_compare_with_one_line_and_their_files_as_they_
     assert err == f"pyro-vae: {command} interrupted; the files it had not finished writing are as they were\n"
     assert files(run) == before
 
+
+# ------------------------------------------------------------------ 9: a run in its first epoch
+
+
+@pytest.mark.slow
+def test_a_run_in_its_first_epoch_is_in_progress_for_evaluate_sample_and_compare(tmp_path, capsys):
+    data, run = tmp_path / "idx", tmp_path / "run"
+    write_dataset(data, gz=True, n_train=3000, n_test=8)
+    train = start(["train", *TINY, "--batch-size", 1, "--epochs", 1, "--data-dir", data, "--run-dir", run])
+    try:
+        while not train.stdout.readline().startswith("step:"):  # in the first epoch
+            assert train.poll() is None, train.stderr.read()
+        for argv in (["evaluate", run], ["sample", run, "--out", tmp_path / "s.png"], ["compare", run]):
+            capsys.readouterr()
+            assert main([str(a) for a in argv]) == 2
+            err = capsys.readouterr().err
+            assert err == (f"pyro-vae: error: {run} has no checkpoint yet: its run is in progress, in its first epoch "
+                           f"(process {train.pid} is training it); try again once that epoch has ended\n")
+        assert train.poll() is None  # left to train
+    finally:
+        train.kill()
+        train.wait()
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 2  # its trainer gone, the run is one that stopped
+    assert "the run stopped before its first epoch ended" in capsys.readouterr().err
