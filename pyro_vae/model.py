@@ -35,6 +35,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from .checks import check_count
 from .errors import ConfigError, DataError
 from .guides import make_guide, posterior_center
 from .likelihoods import Likelihood, make_likelihood
@@ -299,11 +300,13 @@ class VAE(nn.Module):
     def data_plate(self, batch: int, num_data: int | None, subsample_size: int | None) -> pyro.plate:
         """The ``"data"`` plate. ``num_data``: x is a minibatch of a dataset of that size (log-densities
         are scaled by ``num_data / batch``). ``subsample_size``: the plate draws its own subsample of x."""
+        if subsample_size is not None:
+            check_count("subsample_size", subsample_size, 1, batch)
         if num_data is None:
             return pyro.plate("data", batch, subsample_size=subsample_size, dim=-1, device=self.prior_loc.device)
         if subsample_size is not None:
             raise ConfigError("pass either num_data (x is already a minibatch) or subsample_size, not both")
-        if num_data < batch:
+        if check_count("num_data", num_data) < batch:
             raise ConfigError(f"num_data={num_data} is smaller than the batch of {batch}")
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=self.prior_loc.device), dim=-1)
 
@@ -317,7 +320,8 @@ class VAE(nn.Module):
         if x is not None:
             self.check_data(x)
         prior = self.prior()  # once per call, outside the plate: the data and particles broadcast it
-        with self.data_plate(batch_size if x is None else x.shape[0], num_data, subsample_size) as idx:
+        batch = check_count("batch_size", batch_size) if x is None else x.shape[0]
+        with self.data_plate(batch, num_data, subsample_size) as idx:
             z = pyro.sample("z", prior)
             x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)

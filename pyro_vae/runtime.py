@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .checks import check_count
 from .errors import ConfigError
 
 
@@ -38,6 +39,8 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
     device, refused with :class:`ConfigError` if it cannot be used here."""
     if isinstance(name, torch.device):
         name = str(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"device must be a name (auto, cpu, cuda or cuda:N) or a torch.device, got {name!r}")
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if name in ("auto", "cuda"):
@@ -87,6 +90,7 @@ def preserved_rng(device: torch.device):
 def seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Draw from ``seed`` and leave the training RNG stream (CPU and ``device``) as it was, so that
     evaluation and figures never change what training draws next (exact resumes need that)."""
+    seed = check_count("seed", seed, 0, 2**63 - 1)
     with preserved_rng(device):
         torch.manual_seed(seed)
         yield
