@@ -149,6 +149,24 @@ def check_decoder(decoder: nn.Module, z_dim: int, out_shape: Sequence[int], like
         raise ConfigError(f"the decoder must map z of shape {z_shape} to {expected} ({per}); it returned {returned}")
 
 
+def without_store_links(module: nn.Module, plain: dict[int, nn.Parameter]) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters (and its submodules', recursively) are new
+    ``Parameter`` objects on the same data, without the ``unconstrained`` weakref that Pyro's
+    parameter store sets on each; ``plain`` maps a parameter's id to its copy, so a shared one stays shared."""
+
+    def unlinked(p: nn.Parameter) -> nn.Parameter:
+        if id(p) not in plain:
+            plain[id(p)] = nn.Parameter(p.data, p.requires_grad)
+            plain[id(p)].__dict__.update({k: v for k, v in p.__dict__.items() if k != "unconstrained"})
+        return plain[id(p)]
+
+    clone = nn.Module.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    clone._parameters = {k: None if p is None else unlinked(p) for k, p in module._parameters.items()}
+    clone._modules = {k: None if m is None else without_store_links(m, plain) for k, m in module._modules.items()}
+    return clone
+
+
 class VAE(nn.Module):
     """A variational autoencoder whose ``model`` and ``guide`` are Pyro programs.
 
@@ -261,6 +279,11 @@ class VAE(nn.Module):
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(z|x)`` for a batch ``x`` (no checks, no Pyro sites): batch shape ``x.shape[:-len(x_shape)]``."""
         return self.guide_family(*self.encoder(x))
+
+    def __getstate__(self) -> dict:
+        """The state ``pickle``, ``copy.deepcopy`` and ``torch.save(vae)`` save: the module's, with its
+        parameters unlinked from Pyro's parameter store (which gives each one a weakref, unpicklable)."""
+        return nn.Module.__getstate__(without_store_links(self, {}))
 
     def pyro_module(self, part: str, module: nn.Module) -> None:
         """``pyro.module`` under this VAE's name; refuse a store entry that belongs to another module."""
