@@ -409,7 +409,8 @@ def _dispatch(argv: list[str] | None) -> int:
         print(f"pyro-vae: error{rank_label()}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # train says what it kept itself; the other commands replace files whole or not at all
-        print(f"pyro-vae: {args.command} interrupted; the files it had not finished writing are as they were", file=sys.stderr)
+        print(f"pyro-vae: {args.command} interrupted; the files it had not finished writing are as they were",
+              file=sys.stderr)
         return 130
     except Exception as e:
         if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words

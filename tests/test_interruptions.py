@@ -40,8 +40,15 @@ def trained(tmp_path_factory, data) -> Path:
     return run
 
 
+def ctrl_c_as_in_a_terminal():
+    """In the child: SIGINT's default action, which Python turns into KeyboardInterrupt (a shell
+    starting pytest in the background would have the child ignore it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen([*CLI, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def epochs_saved(run: Path) -> int:
@@ -100,7 +107,8 @@ def test_ctrl_c_in_the_first_epoch_says_start_again_not_resume(tmp_path):
     from pyro_vae import TrainConfig
     from pyro_vae.run import RunFolder
 
-    assert RunFolder(run).is_fresh_for(TrainConfig.from_dict(json.loads((run / "config.json").read_text()), "config.json"))
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()), "config.json")
+    assert RunFolder(run).is_fresh_for(config)
 
 
 INTERRUPT_THE_SECOND_SAVE = """
@@ -124,7 +132,8 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_ctrl_c_during_a_save_keeps_the_epoch_it_names(tmp_path, data):
     run = tmp_path / "run"
     argv = ["train", *TINY, "--no-progress", "--epochs", 3, "--data-dir", data, "--run-dir", run]
-    done = subprocess.run([sys.executable, "-c", INTERRUPT_THE_SECOND_SAVE, *map(str, argv)], capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_THE_SECOND_SAVE, *map(str, argv)], capture_output=True, text=True,
+                          env=ENV, timeout=300, preexec_fn=ctrl_c_as_in_a_terminal)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == f"interrupted after 2 epochs; continue with: pyro-vae train --resume --run-dir {run}"
     assert epochs_saved(run) == 2 and len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -76,7 +76,8 @@ def test_device_batches_refuse_a_gpu_this_machine_lacks():
 
 
 def test_numpy_scalars_are_accepted_wherever_python_numbers_are(vae):
-    config = TrainConfig(z_dim=np.int64(5), hidden=[np.int64(3)], lr=np.float32(0.5), kl_anneal_epochs=np.float64(2), seed=np.uint8(7))
+    config = TrainConfig(z_dim=np.int64(5), hidden=[np.int64(3)], lr=np.float32(0.5), kl_anneal_epochs=np.float64(2),
+                         seed=np.uint8(7))
     config.validate()
     saved = json.loads(json.dumps(config.to_dict()))  # config.json holds them as plain numbers
     assert (saved["z_dim"], saved["hidden"], saved["lr"], saved["seed"]) == (5, [3], 0.5, 7)

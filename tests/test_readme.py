@@ -32,7 +32,8 @@ def test_the_newest_run_line_picks_a_training_run_not_compares_folder(tmp_path):
     run.mkdir(parents=True)
     other.mkdir()  # written after the run, by pyro-vae compare or examples/compare_estimators.py
     os.utime(run, (1, 1))
-    done = subprocess.run(["bash", "-c", f'{line} && echo "$RUN"'], capture_output=True, text=True, cwd=tmp_path, check=True)
+    done = subprocess.run(["bash", "-c", f'{line} && echo "$RUN"'], capture_output=True, text=True, cwd=tmp_path,
+                          check=True)
     assert done.stdout.strip() == "runs/fashion_mnist-bernoulli-mlp-20260101-120000/"
 
 
