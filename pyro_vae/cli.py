@@ -246,6 +246,7 @@ def compare_command(args: argparse.Namespace) -> int:
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
     print(compare.format_table(rows))
+    print(compare.table_units(len(x)))
     # both written atomically: a symlink there is replaced, never followed
     csv_path = compare.write_csv(rows, out / f"{name}.csv")
     png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)

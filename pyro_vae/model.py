@@ -245,6 +245,9 @@ class VAE(nn.Module):
             raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")
         # the decoder emits num_params values per pixel (per channel for images)
         out_shape = (self.likelihood.num_params * self.x_shape[0], *self.x_shape[1:])
+        if architecture == "conv" and len(hidden) > 1:  # a run would record widths it never used
+            raise ConfigError(f"the conv networks have one dense layer: give one hidden width (--hidden {hidden[0]}), "
+                              f"got {len(hidden)} ({' '.join(map(str, hidden))})")
         width = hidden[0] if hidden else 256
         context_dim = z_dim if guide == "iaf" else 0  # the built-in encoder's context h(x)
         if encoder is not None:
