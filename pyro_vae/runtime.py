@@ -1,4 +1,5 @@
-"""Where code runs and which random stream it draws from: device resolution and RNG state.
+"""Where code runs and which random stream it draws from: device resolution and RNG state (and
+:func:`interrupts_deferred`, which keeps Ctrl-C out of a save).
 
 Training's latent draws come from torch's global generators (CPU and, on a GPU, CUDA). A
 checkpoint keeps their state (:func:`rng_state`), so a resumed run draws exactly what the
