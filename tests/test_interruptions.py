@@ -166,7 +166,7 @@ def test_ctrl_c_ends_evaluate_and_compare_with_one_line_and_their_files_as_they_
 @pytest.mark.slow
 def test_a_run_in_its_first_epoch_is_in_progress_for_evaluate_sample_and_compare(tmp_path, capsys):
     data, run = tmp_path / "idx", tmp_path / "run"
-    write_dataset(data, gz=True, n_train=3000, n_test=8)
+    write_dataset(data, gz=True, n_train=20000, n_test=8)  # an epoch of seconds, even on a fast machine
     train = start(["train", *TINY, "--batch-size", 1, "--epochs", 1, "--data-dir", data, "--run-dir", run])
     try:
         while not train.stdout.readline().startswith("step:"):  # in the first epoch
