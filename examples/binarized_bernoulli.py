@@ -15,15 +15,16 @@ from pyro.optim import Adam
 
 from pyro_vae import VAE
 from pyro_vae.data import DeviceBatches, load_dataset
+from pyro_vae.cli import Formatter  # no (default: ...) where the help says it
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, Formatter), {}))
     p.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     p.add_argument("--particles", type=int, default=1, help="vectorized samples of z per image")
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files (None: the usual places)")
-    p.add_argument("--max-train", type=int, default=None, help="train on the first N images only (None: all)")
-    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test images only (None: all)")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the usual places)")
+    p.add_argument("--max-train", type=int, default=None, help="train on the first N images only (default: all)")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test images only (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     args = p.parse_args(argv)
 

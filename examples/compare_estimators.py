@@ -17,10 +17,11 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_vae import VAE, make_elbo
-from pyro_vae.compare import compare_estimators, format_table, plot_comparison, write_csv
+from pyro_vae.compare import compare_estimators, format_table, plot_comparison, table_units, write_csv
 from pyro_vae.linear_gaussian import linear_gaussian_vae
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.errors import DataError
+from pyro_vae.cli import Formatter  # no (default: ...) where the help says it
 
 
 def fashion_mnist_vae(args):
@@ -48,17 +49,18 @@ def compare(name, title, vae, x, args, exact_log_px=None):
     pyro.set_rng_seed(args.seed)
     rows = compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px)
     print(format_table(rows))
+    print(table_units(len(x)))
     for path in (write_csv(rows, args.out / f"{name}.csv"), plot_comparison(rows, args.out / f"{name}.png", title)):
         print(f"wrote {path}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, Formatter), {}))
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for the CSV and PNG")
     p.add_argument("--repeats", type=int, default=50, help="independent draws per estimator and K")
     p.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16, 64], help="numbers of particles K")
     p.add_argument("--estimators", nargs="+", default=["trace", "meanfield", "iwae", "reference"], help="estimators to compare")
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files (None: the usual places)")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the usual places)")
     p.add_argument("--num-data", type=int, default=32, help="datapoints compared: test images, and draws of the linear-Gaussian model")
     p.add_argument("--train-steps", type=int, default=300, help="SVI steps before comparing")
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 gives stable timings")

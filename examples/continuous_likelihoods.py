@@ -17,6 +17,7 @@ from pyro.optim import Adam
 
 from pyro_vae import VAE
 from pyro_vae.data import DeviceBatches, load_dataset
+from pyro_vae.cli import Formatter  # no (default: ...) where the help says it
 
 LIKELIHOODS = {
     "continuous_bernoulli": dict(likelihood="continuous_bernoulli"),
@@ -37,11 +38,11 @@ def train_and_test(settings, train, test, epochs, seed, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter, Formatter), {}))
     p.add_argument("--epochs", type=int, default=5, help="passes over the training images")
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files (None: the usual places)")
-    p.add_argument("--max-train", type=int, default=None, help="train on the first N images only (None: all)")
-    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test images only (None: all)")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the usual places)")
+    p.add_argument("--max-train", type=int, default=None, help="train on the first N images only (default: all)")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test images only (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     args = p.parse_args(argv)
 

@@ -19,6 +19,13 @@ def check_count(name: str, value: Any, minimum: int = 1, maximum: int | None = N
     return int(value)
 
 
+def plain_value(value: Any) -> Any:
+    """A numpy scalar (``np.int64(5)``, ``np.float32(0.5)``) as the Python number it holds; any other value as it is."""
+    if isinstance(value, numbers.Number) and not isinstance(value, (int, float, complex)) and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def data_dir_path(data_dir: Any) -> Path:
     """``data_dir`` as an absolute path (``~`` expanded); :class:`DataError` if it is empty."""
     if not str(data_dir).strip():

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -149,7 +150,12 @@ def train_command(args: argparse.Namespace) -> int:
             try:
                 metrics = trainer.fit()
             except KeyboardInterrupt:
-                say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
+                if trainer.epochs_done == 0:  # no checkpoint: nothing to resume, and nothing lost by starting again
+                    say(f"\ninterrupted in the first epoch, before any checkpoint: start the run again with the same "
+                        f"command (not --resume), or choose another --run-dir", file=sys.stderr)
+                else:
+                    say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: "
+                        f"pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
                 return 130
         if metrics:
             last = metrics[-1]
@@ -240,6 +246,7 @@ def compare_command(args: argparse.Namespace) -> int:
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
     rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
     print(compare.format_table(rows))
+    print(compare.table_units(len(x)))
     # both written atomically: a symlink there is replaced, never followed
     csv_path = compare.write_csv(rows, out / f"{name}.csv")
     png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)
@@ -336,10 +343,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class OutputWithoutReader:
+    """``sys.stdout`` for a command whose reader may go (``pyro-vae train ... | head -3``): once the
+    pipe is closed, what is printed goes to ``/dev/null``, so that a run goes on and writes its files."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Point the stream's file descriptor at /dev/null: what it still buffers goes there too."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv``; returns the exit status (a torchrun worker ends the process
     instead, by :func:`pyro_vae.distributed.end_process`)."""
-    code = _dispatch(argv)
+    stdout, sys.stdout = sys.stdout, OutputWithoutReader(sys.stdout)
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # now, while a closed pipe is still caught, rather than as the process exits
+    finally:
+        sys.stdout = stdout
     if launched():
         from .distributed import end_process
 
@@ -367,6 +409,10 @@ def _dispatch(argv: list[str] | None) -> int:
     except DistributedError as e:
         print(f"pyro-vae: error{rank_label()}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # train says what it kept itself; the other commands replace files whole or not at all
+        print(f"pyro-vae: {args.command} interrupted; the files it had not finished writing are as they were",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
             print(f"pyro-vae: error{rank_label()}: out of memory; lower {args.memory_options}", file=sys.stderr)

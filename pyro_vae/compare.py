@@ -172,6 +172,12 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
+def table_units(num_data: int) -> str:
+    """One line giving the units of :func:`format_table`'s columns for a batch of ``num_data`` datapoints."""
+    return (f"units: loss_mean and loss_std are nats summed over the batch of {num_data} (loss = -bound); "
+            "bound_per_datapoint, bound_se and gap_to_log_px are nats per datapoint")
+
+
 def _series(rows: Sequence[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
     """``estimator -> (Ks, values of key)`` in row order."""
     out: dict[str, tuple[list[int], list[float]]] = {}

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from .checks import check_count, data_dir_path
+from .checks import check_count, data_dir_path, plain_value
 from .errors import ConfigError
 from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, DEFAULT_STEP, GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, LIKELIHOODS, PRIORS, STEP_MODES,
                     TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization)
@@ -49,7 +49,9 @@ class TrainConfig:
     RUNTIME_FIELDS = ("epochs", "device", "data_dir", "download", "step")
 
     def __post_init__(self):
-        self.hidden = tuple(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden
+        for field in dataclasses.fields(self):  # numpy scalars as Python numbers (config.json holds them)
+            setattr(self, field.name, plain_value(getattr(self, field.name)))
+        self.hidden = tuple(map(plain_value, self.hidden)) if isinstance(self.hidden, (list, tuple)) else self.hidden
         self.dataset = dataset_name(self.dataset)
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
@@ -79,6 +81,10 @@ class TrainConfig:
             if value not in choices:
                 raise ConfigError(f"the {name} {value!r} cannot train here; choose one of {', '.join(choices)}")
         check_binarization(self.likelihood, self.binarize)
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be a name (auto, cpu, cuda or cuda:N), got {self.device!r}")
+        if not isinstance(self.download, bool):
+            raise ConfigError(f"download must be True or False, got {self.download!r}")
 
     def check_options_given(self, given) -> None:
         """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .checks import data_dir_path
+from .checks import check_count, data_dir_path
 from .names import DATASETS, check_binarization_name, dataset_name
 from .networks import IMAGE_SHAPE
+from .runtime import resolve_device
 
 # ImageDataset field -> IDX file stem; torchvision uses the same stems for all three datasets.
 IDX_STEMS = {
@@ -234,13 +235,12 @@ class DeviceBatches:
             raise DataError(f"images must be uint8 of shape (N, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
-        if batch_size < 1 or seed < 0:
-            raise ConfigError(f"batch_size must be >= 1 and seed >= 0, got {batch_size} and {seed}")
+        batch_size, seed = check_count("batch_size", batch_size), check_count("seed", seed, 0, 2**63 - 1)
         if drop_last and batch_size > images.shape[0]:
             raise ConfigError(f"batch_size {batch_size} exceeds the {images.shape[0]} examples with drop_last")
         self.batch_size, self.binarization, self.seed = batch_size, binarization, seed
         self.shuffle, self.drop_last, self.flatten = shuffle, drop_last, flatten
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # refused here if it cannot be used
         self.labels = labels.to(self.device, torch.int64)
         images = images.to(self.device)
         self._scale = 255.0

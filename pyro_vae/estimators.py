@@ -28,6 +28,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.poutine.util import site_is_subsample
 
+from .checks import check_count
 from .errors import ConfigError
 from .names import ESTIMATORS
 
@@ -41,8 +42,7 @@ def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def make_elbo(name: str = "meanfield", num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: int = 1) -> ELBO:
     """An ELBO estimator with ``num_particles`` samples per datapoint, vectorized by default."""
-    if num_particles < 1:
-        raise ConfigError(f"num_particles must be at least 1, got {num_particles}")
+    num_particles = check_count("num_particles", num_particles)
     kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting)
     if name == "trace":
         return Trace_ELBO(**kwargs)

@@ -16,6 +16,7 @@ KL in ``TraceMeanField_ELBO``, which scales it by the guide site's scale).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from .checks import plain_value
 from .errors import ConfigError
 
 
@@ -32,7 +34,7 @@ def check_kl_weight(weight: float | torch.Tensor) -> None:
         if weight.dim() != 0 or not weight.dtype.is_floating_point:
             raise ConfigError(f"a KL weight tensor must be a floating-point scalar, got {weight.dtype} of shape {tuple(weight.shape)}")
         return  # a tensor weight is a graph input (compiled step): its value is checked by whoever sets it
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):  # numpy's scalars too
         raise ConfigError(f"the KL weight must be a number, got {type(weight).__name__}")
     if not (math.isfinite(weight) and weight >= 0):
         raise ConfigError(f"the KL weight must be a finite number >= 0, got {weight}")
@@ -51,7 +53,7 @@ class LatentWeight(Messenger):
     def __init__(self, weight: float | torch.Tensor):
         check_kl_weight(weight)
         super().__init__()
-        self.weight = weight
+        self.weight = plain_value(weight)
 
     def _process_message(self, msg) -> None:
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):

@@ -35,6 +35,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from .checks import check_count
 from .errors import ConfigError, DataError
 from .guides import make_guide, posterior_center
 from .likelihoods import Likelihood, make_likelihood
@@ -148,6 +149,24 @@ def check_decoder(decoder: nn.Module, z_dim: int, out_shape: Sequence[int], like
         raise ConfigError(f"the decoder must map z of shape {z_shape} to {expected} ({per}); it returned {returned}")
 
 
+def without_store_links(module: nn.Module, plain: dict[int, nn.Parameter]) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters (and its submodules', recursively) are new
+    ``Parameter`` objects on the same data, without the ``unconstrained`` weakref that Pyro's
+    parameter store sets on each; ``plain`` maps a parameter's id to its copy, so a shared one stays shared."""
+
+    def unlinked(p: nn.Parameter) -> nn.Parameter:
+        if id(p) not in plain:
+            plain[id(p)] = nn.Parameter(p.data, p.requires_grad)
+            plain[id(p)].__dict__.update({k: v for k, v in p.__dict__.items() if k != "unconstrained"})
+        return plain[id(p)]
+
+    clone = nn.Module.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    clone._parameters = {k: None if p is None else unlinked(p) for k, p in module._parameters.items()}
+    clone._modules = {k: None if m is None else without_store_links(m, plain) for k, m in module._modules.items()}
+    return clone
+
+
 class VAE(nn.Module):
     """A variational autoencoder whose ``model`` and ``guide`` are Pyro programs.
 
@@ -226,6 +245,9 @@ class VAE(nn.Module):
             raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")
         # the decoder emits num_params values per pixel (per channel for images)
         out_shape = (self.likelihood.num_params * self.x_shape[0], *self.x_shape[1:])
+        if architecture == "conv" and len(hidden) > 1:  # a run would record widths it never used
+            raise ConfigError(f"the conv networks have one dense layer: give one hidden width (--hidden {hidden[0]}), "
+                              f"got {len(hidden)} ({' '.join(map(str, hidden))})")
         width = hidden[0] if hidden else 256
         context_dim = z_dim if guide == "iaf" else 0  # the built-in encoder's context h(x)
         if encoder is not None:
@@ -260,6 +282,11 @@ class VAE(nn.Module):
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(z|x)`` for a batch ``x`` (no checks, no Pyro sites): batch shape ``x.shape[:-len(x_shape)]``."""
         return self.guide_family(*self.encoder(x))
+
+    def __getstate__(self) -> dict:
+        """The state ``pickle``, ``copy.deepcopy`` and ``torch.save(vae)`` save: the module's, with its
+        parameters unlinked from Pyro's parameter store (which gives each one a weakref, unpicklable)."""
+        return nn.Module.__getstate__(without_store_links(self, {}))
 
     def pyro_module(self, part: str, module: nn.Module) -> None:
         """``pyro.module`` under this VAE's name; refuse a store entry that belongs to another module."""
@@ -299,11 +326,13 @@ class VAE(nn.Module):
     def data_plate(self, batch: int, num_data: int | None, subsample_size: int | None) -> pyro.plate:
         """The ``"data"`` plate. ``num_data``: x is a minibatch of a dataset of that size (log-densities
         are scaled by ``num_data / batch``). ``subsample_size``: the plate draws its own subsample of x."""
+        if subsample_size is not None:
+            check_count("subsample_size", subsample_size, 1, batch)
         if num_data is None:
             return pyro.plate("data", batch, subsample_size=subsample_size, dim=-1, device=self.prior_loc.device)
         if subsample_size is not None:
             raise ConfigError("pass either num_data (x is already a minibatch) or subsample_size, not both")
-        if num_data < batch:
+        if check_count("num_data", num_data) < batch:
             raise ConfigError(f"num_data={num_data} is smaller than the batch of {batch}")
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=self.prior_loc.device), dim=-1)
 
@@ -317,7 +346,8 @@ class VAE(nn.Module):
         if x is not None:
             self.check_data(x)
         prior = self.prior()  # once per call, outside the plate: the data and particles broadcast it
-        with self.data_plate(batch_size if x is None else x.shape[0], num_data, subsample_size) as idx:
+        batch = check_count("batch_size", batch_size) if x is None else x.shape[0]
+        with self.data_plate(batch, num_data, subsample_size) as idx:
             z = pyro.sample("z", prior)
             x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)

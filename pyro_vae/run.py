@@ -125,6 +125,22 @@ class RunFolder:
             self._lock_fd = None
             os.close(fd)  # releases the lock
 
+    def in_use_by(self) -> str | None:
+        """Who holds the folder's lock (``process PID``), if another process does: a run in progress, say."""
+        if self._lock_fd is not None:
+            return None  # this object holds it
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _holder(self.path / self.LOCK)
+        finally:
+            os.close(fd)  # and the shared lock with it
+        return None
+
     def check_output(self, path: str | os.PathLike, option: str = "--out") -> None:
         """:class:`ConfigError` if writing ``path`` (a file, or a folder of outputs) would replace
         this folder itself or one of its own files (:attr:`OWN_FILES`, temporary ones included).
@@ -191,6 +207,10 @@ class RunFolder:
     def load_checked(self) -> tuple[dict[str, Any], TrainConfig, VAE]:
         """The checkpoint with its configuration and the VAE it describes (on the CPU), each checked once."""
         if not self.checkpoint_path.is_file():
+            training = self.in_use_by()
+            if (self.path / self.CONFIG).exists() and training:
+                raise ConfigError(f"{self.path} has no checkpoint yet: its run is in progress, in its first epoch "
+                                  f"({training} is training it); try again once that epoch has ended")
             if (self.path / self.CONFIG).exists():
                 raise ConfigError(f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it again without --resume")
             raise ConfigError(f"{self.path} holds no {self.CHECKPOINT}; pass the folder a 'pyro-vae train' run wrote")

@@ -1,4 +1,5 @@
-"""Where code runs and which random stream it draws from: device resolution and RNG state.
+"""Where code runs and which random stream it draws from: device resolution and RNG state (and
+:func:`interrupts_deferred`, which keeps Ctrl-C out of a save).
 
 Training's latent draws come from torch's global generators (CPU and, on a GPU, CUDA). A
 checkpoint keeps their state (:func:`rng_state`), so a resumed run draws exactly what the
@@ -9,10 +10,13 @@ stream untouched.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from typing import Any, Iterator
 
 import torch
 
+from .checks import check_count
 from .errors import ConfigError, first_line
 
 
@@ -36,6 +40,8 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
     device, refused with :class:`ConfigError` if it cannot be used here."""
     if isinstance(name, torch.device):
         name = str(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"device must be a name (auto, cpu, cuda or cuda:N) or a torch.device, got {name!r}")
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if name in ("auto", "cuda"):
@@ -85,6 +91,24 @@ def preserved_rng(device: torch.device):
 def seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Draw from ``seed`` and leave the training RNG stream (CPU and ``device``) as it was, so that
     evaluation and figures never change what training draws next (exact resumes need that)."""
+    seed = check_count("seed", seed, 0, 2**63 - 1)
     with preserved_rng(device):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise :class:`KeyboardInterrupt`: a save
+    is never cut in half. Outside the main thread, where Python delivers no signal, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -41,7 +41,7 @@ from .launcher import launched
 from .memory import check_step_memory
 from .model import build_vae
 from .run import RunFolder, check_same_data, data_identity, split_batches
-from .runtime import load_torchvision, preserved_rng, rng_state, set_rng_state
+from .runtime import interrupts_deferred, load_torchvision, preserved_rng, rng_state, set_rng_state
 from .step import TrainingStep
 
 # a step whose loss or gradient is not finite is skipped; this many in a row stop the run
@@ -249,8 +249,9 @@ class Trainer:
                 if not math.isfinite(row["test_elbo"]):
                     raise self.diverged(f"the test ELBO after epoch {epoch + 1} is {row['test_elbo']}")
                 self.parallel.check_replicas(self.vae)
-                self.metrics.append(row)
-                with self.parallel.all_or_none("save the checkpoint"):  # the other ranks wait for rank 0's save
+                # the other ranks wait for rank 0's save; Ctrl-C waits for the save's end: the epoch is kept whole
+                with self.parallel.all_or_none("save the checkpoint"), interrupts_deferred():
+                    self.metrics.append(row)
                     self.save()
                 if self.progress:
                     annealed = ""
