@@ -36,8 +36,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pyro_vae import distributed
-    from pyro_vae import TrainConfig
+    from pyro_vae import TrainConfig, distributed
     from pyro_vae.train import Trainer
 
     config = TrainConfig(batch_size=args.batch_size, max_train=args.batch_size * (args.warmup + args.steps * args.windows), max_test=args.batch_size, device=args.device, data_dir=args.data_dir)
@@ -84,7 +83,7 @@ def launch(nproc: int, threads: int, args: argparse.Namespace) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

@@ -283,12 +283,12 @@ def preflight(args: argparse.Namespace) -> dict:
     if missing:  # pyro_vae and the checks below need those packages
         return {"missing": missing, "found": found}
     sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.distributed
+
     from pyro_vae.data import load_dataset
     from pyro_vae.errors import ConfigError, DataError
     from pyro_vae.runtime import resolve_device
-
-    import torch
-    import torch.distributed
 
     try:
         device = resolve_device(args.device)

@@ -22,11 +22,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from timing import describe_machine, sync
 
 from pyro_vae import VAE
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.evaluate import ImportanceSamplingWarning, log_marginal_likelihood
-from timing import describe_machine, sync
 
 
 def timed(device: torch.device, fn) -> float:

@@ -10,9 +10,18 @@ Prints per-step medians and ratios to K = 1, measured side by side.
 
 from __future__ import annotations
 
+from timing import (
+    batch_cycler,
+    bench_trainer,
+    benchmark_parser,
+    describe_machine,
+    interleaved,
+    median_ms,
+    median_ratio,
+    start,
+)
 
 from pyro_vae import make_elbo
-from timing import batch_cycler, bench_trainer, benchmark_parser, describe_machine, interleaved, median_ms, median_ratio, start
 
 
 def step_fn(args, batch_size: int, particles: int, vectorize: bool):

@@ -47,11 +47,11 @@ from timing import (
     median_ratio,
 )
 
-from pyro_vae.step import TrainingStep
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.estimators import make_elbo
 from pyro_vae.model import VAE
 from pyro_vae.reference import reference_elbo
+from pyro_vae.step import TrainingStep
 
 LR = 1e-3
 

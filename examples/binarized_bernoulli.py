@@ -14,8 +14,8 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.optim import Adam
 
 from pyro_vae import VAE
-from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.cli import Formatter  # no (default: ...) where the help says it
+from pyro_vae.data import DeviceBatches, load_dataset
 
 
 def main(argv=None):

@@ -17,11 +17,11 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_vae import VAE, make_elbo
+from pyro_vae.cli import Formatter  # no (default: ...) where the help says it
 from pyro_vae.compare import compare_estimators, format_table, plot_comparison, table_units, write_csv
-from pyro_vae.linear_gaussian import linear_gaussian_vae
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.errors import DataError
-from pyro_vae.cli import Formatter  # no (default: ...) where the help says it
+from pyro_vae.linear_gaussian import linear_gaussian_vae
 
 
 def fashion_mnist_vae(args):

@@ -14,7 +14,8 @@ of the likelihood's ``log_prob``.
 Public API: :class:`VAE`; :func:`make_elbo` (trace, meanfield, iwae, renyi);
 :func:`kl_weighted` (beta-VAE, KL annealing); :func:`log_marginal_likelihood` (importance-sampled
 ``log p(x)`` with PSIS k-hat) and :func:`evaluate_model`; :class:`TrainConfig`;
-:func:`load_run` (:func:`pyro_vae.train.train` trains a run from Python). The command line is ``pyro-vae`` (``pyro-vae --help``). Documentation: the
+:func:`load_run` (:func:`pyro_vae.train.train` trains a run from Python). The command line is
+``pyro-vae`` (``pyro-vae --help``). Documentation: the
 ``docs/`` folder of the repository (``mkdocs serve``), with the math behind each piece.
 """
 

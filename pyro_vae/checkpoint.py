@@ -1,8 +1,8 @@
 """Checkpoints that are written atomically and loaded without unpickling code.
 
 Every file pyro-vae writes goes through :func:`replace_atomically`: a temporary file in the same
-folder, flushed to disk and renamed over the old one (``os.replace`` is atomic on POSIX), so a process killed at any moment leaves
-either the previous or the new complete checkpoint. ``load_checkpoint`` uses
+folder, flushed to disk and renamed over the old one (``os.replace`` is atomic on POSIX), so a
+process killed at any moment leaves either the previous or the new complete checkpoint. ``load_checkpoint`` uses
 ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only; a pickle that
 names any other callable is refused before it can run.
 """
@@ -48,12 +48,20 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
             os.close(directory)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}; the previous file is intact. Free disk space or choose a writable folder") from e
+        raise ConfigError(
+            f"cannot write {path}: {e.strerror or e}; the previous file is intact. Free disk space or choose a "
+            "writable folder"
+        ) from e
     except BaseException as e:
-        full = isinstance(e, RuntimeError) and _disk_full(e, path.parent)  # torch.save and h5py report a failed write as RuntimeError
+        full = isinstance(e, RuntimeError) and _disk_full(
+            e, path.parent
+        )  # torch.save and h5py report a failed write as RuntimeError
         Path(tmp).unlink(missing_ok=True)
         if full:
-            raise ConfigError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}; the previous file is intact. Free disk space or choose a writable folder") from e
+            raise ConfigError(
+                f"cannot write {path}: {os.strerror(errno.ENOSPC)}; the previous file is intact. Free disk space or "
+                "choose a writable folder"
+            ) from e
         raise
 
 
@@ -87,6 +95,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConfigError(f"{path} is not a safe pyro-vae checkpoint (it holds more than tensors and plain data); refusing to load it: {e}") from e
+        raise ConfigError(
+            f"{path} is not a safe pyro-vae checkpoint (it holds more than tensors and plain data); refusing to load "
+            f"it: {e}"
+        ) from e
     except Exception as e:  # torch.load fails in many ways on a damaged file; none is the user's bug
-        raise ConfigError(f"{path} is not a readable checkpoint ({first_line(e, with_type=False)}); the run folder is damaged: train again") from e
+        raise ConfigError(
+            f"{path} is not a readable checkpoint ({first_line(e, with_type=False)}); the run folder is damaged: "
+            "train again"
+        ) from e

@@ -24,9 +24,24 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import ConfigError, DataError, DistributedError, NumericalError
 from .launcher import launched, rank_label
-from .names import (ACTIVATIONS, ARCHITECTURES, BACKENDS, BINARIZATIONS, DATASETS, DEFAULT_TIMEOUT_S, ESTIMATORS, GUIDES, LIKELIHOODS,
-                    MAX_MIXTURE_COMPONENTS, NORMAL_SCALES, PRIORS, STEP_MODES, TRAIN_ESTIMATORS)
+from .names import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    BACKENDS,
+    BINARIZATIONS,
+    DATASETS,
+    DEFAULT_TIMEOUT_S,
+    ESTIMATORS,
+    GUIDES,
+    LIKELIHOODS,
+    MAX_MIXTURE_COMPONENTS,
+    NORMAL_SCALES,
+    PRIORS,
+    STEP_MODES,
+    TRAIN_ESTIMATORS,
+)
 
+PIXELS_OF = {"binary": "binarized", "8bit": "8-bit"}  # what bits/dim are counted on, by the likelihood's data kind
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
 
 
@@ -71,7 +86,9 @@ def normal_scale(text: str) -> str | float:
     except ValueError:
         if text in NORMAL_SCALES:
             return text
-        raise argparse.ArgumentTypeError(f"{text!r}: use {', '.join(NORMAL_SCALES)} or a fixed positive number") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use {', '.join(NORMAL_SCALES)} or a fixed positive number"
+        ) from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"a fixed normal scale must be a positive finite number, got {text}")
     return value
@@ -81,42 +98,120 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     # defaults are SUPPRESSed so that --resume can tell which settings the user gave
     a = lambda *names, **kw: p.add_argument(*names, default=argparse.SUPPRESS, **kw)
     d = DEFAULTS
-    a("--dataset", type=dataset_choice, metavar="{" + ",".join(DATASETS) + "}", help=f"image data set; fashion-mnist is accepted too (default {d.dataset})")
-    a("--data-dir", help="folder with the four IDX files (plain or .gz) or torchvision's layout; only this folder is used (default: ~/.cache/pyro-vae/data, then the system's data sets)")
-    a("--download", action="store_true", help="download the data with torchvision if it is not found (needs internet; default off)")
+    a(
+        "--dataset",
+        type=dataset_choice,
+        metavar="{" + ",".join(DATASETS) + "}",
+        help=f"image data set; fashion-mnist is accepted too (default {d.dataset})",
+    )
+    a(
+        "--data-dir",
+        help="folder with the four IDX files (plain or .gz) or torchvision's layout; only this folder is used "
+        "(default: ~/.cache/pyro-vae/data, then the system's data sets)",
+    )
+    a(
+        "--download",
+        action="store_true",
+        help="download the data with torchvision if it is not found (needs internet; default off)",
+    )
     a("--likelihood", choices=LIKELIHOODS, help=f"observation model p(x|z) (default {d.likelihood})")
-    a("--normal-scale", type=normal_scale, help="for --likelihood normal: shared, pixel, decoder or a fixed positive number (default shared)")
-    a("--mixture-components", type=positive_int, help=f"for --likelihood discretized_logistic_mixture: logistics per pixel, 1 to {MAX_MIXTURE_COMPONENTS} (default {d.mixture_components})")
-    a("--binarize", choices=BINARIZATIONS, help="pixel preparation: binarization, none (the 8-bit levels) or dequantize (k + u)/256 for density likelihoods (default: dynamic for bernoulli, none otherwise)")
+    a(
+        "--normal-scale",
+        type=normal_scale,
+        help="for --likelihood normal: shared, pixel, decoder or a fixed positive number (default shared)",
+    )
+    a(
+        "--mixture-components",
+        type=positive_int,
+        help=f"for --likelihood discretized_logistic_mixture: logistics per pixel, 1 to {MAX_MIXTURE_COMPONENTS} "
+        f"(default {d.mixture_components})",
+    )
+    a(
+        "--binarize",
+        choices=BINARIZATIONS,
+        help="pixel preparation: binarization, none (the 8-bit levels) or dequantize (k + u)/256 for density "
+        "likelihoods (default: dynamic for bernoulli, none otherwise)",
+    )
     a("--architecture", choices=ARCHITECTURES, help=f"encoder/decoder networks (default {d.architecture})")
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
     a("--activation", choices=ACTIVATIONS, help=f"hidden-layer nonlinearity (default {d.activation})")
     a("--z-dim", type=positive_int, help=f"latent dimensions (default {d.z_dim}; 2 also draws the latent manifold)")
-    a("--prior", choices=PRIORS,
-      help=f"p(z): standard N(0, I), or vamp, a mixture of the encoder's Gaussians at learned pseudo-inputs "
-           f"(default {d.prior})")
-    a("--pseudo-inputs", type=positive_int,
-      help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})")
-    a("--guide", choices=GUIDES,
-      help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})")
+    a(
+        "--prior",
+        choices=PRIORS,
+        help=f"p(z): standard N(0, I), or vamp, a mixture of the encoder's Gaussians at learned pseudo-inputs "
+        f"(default {d.prior})",
+    )
+    a(
+        "--pseudo-inputs",
+        type=positive_int,
+        help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})",
+    )
+    a(
+        "--guide",
+        choices=GUIDES,
+        help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})",
+    )
     a("--flow-steps", type=positive_int, help=f"for --guide iaf: the number of flow steps (default {d.flow_steps})")
-    a("--estimator", choices=TRAIN_ESTIMATORS, help=f"ELBO estimator (default {d.estimator}: analytic KL; renyi is for compare only: it tempers its weights under minibatch scaling)")
+    a(
+        "--estimator",
+        choices=TRAIN_ESTIMATORS,
+        help=f"ELBO estimator (default {d.estimator}: analytic KL; renyi is for compare only: it tempers its weights "
+        "under minibatch scaling)",
+    )
     a("--num-particles", type=positive_int, help=f"vectorized samples of z per datapoint (default {d.num_particles})")
-    a("--epochs", type=positive_int, help=f"total epochs; with --resume, train until this many are done (default {d.epochs})")
+    a(
+        "--epochs",
+        type=positive_int,
+        help=f"total epochs; with --resume, train until this many are done (default {d.epochs})",
+    )
     a("--batch-size", type=positive_int, help=f"images per step (default {d.batch_size})")
     a("--lr", type=learning_rate, help=f"Adam learning rate (default {d.lr})")
-    a("--kl-anneal-epochs", type=non_negative, help="warm the KL weight up from 0 to 1 over this many epochs (default 0: no annealing)")
+    a(
+        "--kl-anneal-epochs",
+        type=non_negative,
+        help="warm the KL weight up from 0 to 1 over this many epochs (default 0: no annealing)",
+    )
     a("--seed", type=seed_int, help=f"seed of data order, binarization and latent draws (default {d.seed})")
     a("--max-train", type=positive_int, help="train on the first N images only (default: all)")
     a("--max-test", type=positive_int, help="evaluate on the first N test images only (default: all)")
     a("--device", help="auto (the GPU if there is one), cpu, cuda or cuda:N (default auto)")
-    a("--step", choices=STEP_MODES, help=f"how a training step runs: traced (a graph traced once from the Pyro model/guide, no Pyro work per step), inductor (that graph compiled: fastest per step, 15-40 s to compile a batch shape), eager (plain Pyro ELBO); the same draws in each, and under torchrun (default {d.step})")
-    p.add_argument("--run-dir", type=Path, help="run folder (default: runs/<dataset>-<likelihood>-<architecture>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint (default off)")
-    p.add_argument("--allow-different-data", action="store_true", help="with --resume: continue even if the data differ from the run's (default off: refused)")
-    p.add_argument("--no-progress", action="store_true", help="quiet: no progress bar and no per-epoch lines (the bar is off anyway when the output is not a terminal)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="under torchrun: process group backend (default auto: nccl for GPU tensors, gloo for CPU tensors)")
-    p.add_argument("--dist-timeout", type=positive_seconds, default=None, metavar="SECONDS", help=f"under torchrun: how long a rank waits for the others before failing (default {DEFAULT_TIMEOUT_S:g})")
+    a(
+        "--step",
+        choices=STEP_MODES,
+        help="how a training step runs: traced (a graph traced once from the Pyro model/guide, no Pyro work per "
+        "step), inductor (that graph compiled: fastest per step, 15-40 s to compile a batch shape), eager "
+        f"(plain Pyro ELBO); the same draws in each, and under torchrun (default {d.step})",
+    )
+    p.add_argument(
+        "--run-dir", type=Path, help="run folder (default: runs/<dataset>-<likelihood>-<architecture>-<time>)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint (default off)"
+    )
+    p.add_argument(
+        "--allow-different-data",
+        action="store_true",
+        help="with --resume: continue even if the data differ from the run's (default off: refused)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="quiet: no progress bar and no per-epoch lines (the bar is off anyway when the output is not a terminal)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="under torchrun: process group backend (default auto: nccl for GPU tensors, gloo for CPU tensors)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"under torchrun: how long a rank waits for the others before failing (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -133,33 +228,60 @@ def train_command(args: argparse.Namespace) -> int:
             config = TrainConfig(**given)
             config.check_options_given(given)
             if run_dir is None:
-                run_dir = Path("runs") / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+                run_dir = (
+                    Path("runs")
+                    / f"{config.dataset}-{config.likelihood}-{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+                )
                 run_dir = parallel.broadcast_object(run_dir, "agree on the run folder")  # rank 0's time stamp
-        trainer = Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress, changes=given if args.resume else None, parallel=parallel, allow_different_data=args.allow_different_data)
+        trainer = Trainer(
+            config,
+            run_dir,
+            resume=args.resume,
+            progress=not args.no_progress,
+            changes=given if args.resume else None,
+            parallel=parallel,
+            allow_different_data=args.allow_different_data,
+        )
         with trainer:
             epochs = trainer.config.epochs
             if args.resume:
                 say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {epochs}", flush=True)
                 if trainer.epochs_done == epochs:
-                    say(f"nothing to train: the run has all its {epochs} epochs; pass --epochs above {epochs} to train more")
+                    say(
+                        f"nothing to train: the run has all its {epochs} epochs; pass --epochs above {epochs} to "
+                        "train more"
+                    )
                     return 0
             say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
             if parallel.world_size > 1:
-                say(f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch {trainer.config.batch_size}", flush=True)
+                say(
+                    f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch "
+                    f"{trainer.config.batch_size}",
+                    flush=True,
+                )
             start = time.perf_counter()
             try:
                 metrics = trainer.fit()
             except KeyboardInterrupt:
                 if trainer.epochs_done == 0:  # no checkpoint: nothing to resume, and nothing lost by starting again
-                    say(f"\ninterrupted in the first epoch, before any checkpoint: start the run again with the same "
-                        f"command (not --resume), or choose another --run-dir", file=sys.stderr)
+                    say(
+                        "\ninterrupted in the first epoch, before any checkpoint: start the run again with the same "
+                        "command (not --resume), or choose another --run-dir",
+                        file=sys.stderr,
+                    )
                 else:
-                    say(f"\ninterrupted after {trainer.epochs_done} epochs; continue with: "
-                        f"pyro-vae train --resume --run-dir {run_dir}", file=sys.stderr)
+                    say(
+                        f"\ninterrupted after {trainer.epochs_done} epochs; continue with: "
+                        f"pyro-vae train --resume --run-dir {run_dir}",
+                        file=sys.stderr,
+                    )
                 return 130
         if metrics:
             last = metrics[-1]
-            say(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, {time.perf_counter() - start:.0f} s this session, step: {last['step']}")
+            say(
+                f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, "
+                f"{time.perf_counter() - start:.0f} s this session, step: {last['step']}"
+            )
         say(f"run folder: {run_dir}")
         return 0
 
@@ -183,7 +305,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
     with run.folder.locked("evaluate"):
         test, data = run.test_data(args.data_dir, args.allow_different_data)
         json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
-        result = evaluate_model(run.vae, test, run.config.seed, args.num_samples, args.chunk_size, keep_log_weights=args.idata_points, progress=not args.no_progress)
+        result = evaluate_model(
+            run.vae,
+            test,
+            run.config.seed,
+            args.num_samples,
+            args.chunk_size,
+            keep_log_weights=args.idata_points,
+            progress=not args.no_progress,
+        )
         n_idata = result.log_weights.shape[1]
         attrs = {f"data_{k}": v for k, v in data.items()}  # the file says which data it describes
         idata = export_inference_data(run.vae, test, result, args.chunk_size, training_metrics=run.metrics, attrs=attrs)
@@ -193,19 +323,34 @@ def evaluate_command(args: argparse.Namespace) -> int:
             save_inference_data(idata, idata_path)
             run.folder.write_text(json_path.name, text)
     ll, pk = result.log_likelihood, summary["pareto_k"]
-    print(f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch {len(run.metrics)})")
-    print(f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent estimate)")
-    bits = "" if result.bits_per_dim is None else f" ({result.bits_per_dim:.4f} bits/dim on {'binarized' if result.data_kind == 'binary' else '8-bit'} pixels)"
+    print(
+        f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch "
+        f"{len(run.metrics)})"
+    )
+    print(
+        f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent "
+        "estimate)"
+    )
+    bits = (
+        ""
+        if result.bits_per_dim is None
+        else f" ({result.bits_per_dim:.4f} bits/dim on {PIXELS_OF[result.data_kind]} pixels)"
+    )
     kind = " (a density on continuous pixels, not a probability: no bits/dim)" if result.data_kind == "density" else ""
     se = ll.mean_standard_error()
     spread = f" +- {se:.2f}" if math.isfinite(se) else " (one image: no standard error)"
     print(f"test log p(x)        {ll.mean():.2f}{spread} nats/image, K={ll.num_samples}{bits}{kind}")
     if result.dequantized is not None:
-        print(f"dequantized bound    log P(x) >= {summary['dequantized_log_likelihood']:.2f} +- {summary['dequantized_log_likelihood_se']:.2f} nats/image ({summary['dequantized_bits_per_dim']:.4f} bits/dim on 8-bit pixels)")
+        print(
+            f"dequantized bound    log P(x) >= {summary['dequantized_log_likelihood']:.2f} +- "
+            f"{summary['dequantized_log_likelihood_se']:.2f} nats/image ({summary['dequantized_bits_per_dim']:.4f} "
+            "bits/dim on 8-bit pixels)"
+        )
     if ll.num_samples < MIN_SAMPLES_FOR_K_HAT:  # the warning below says why
         print(f"PSIS k-hat           not fitted: K={ll.num_samples} is too few")
     else:
-        counts = f"{pk['good']} good (<={K_GOOD}), {pk['ok']} ok (<={K_OK}), {pk['bad']} bad (>{K_OK}: log p(x) unreliable there)"
+        good, ok = f"{pk['good']} good (<={K_GOOD})", f"{pk['ok']} ok (<={K_OK})"
+        counts = f"{good}, {ok}, {pk['bad']} bad (>{K_OK}: log p(x) unreliable there)"
         print(f"PSIS k-hat           {counts}")
     if ll.warning():
         print(f"warning: {ll.warning()}")
@@ -213,8 +358,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print("active units         not measurable from one test image (Cov_x E[z_d|x] is a variance over images)")
     else:
         print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
-    other = "" if json_path.name == "evaluation.json" else (
-        f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
+    other = (
+        ""
+        if json_path.name == "evaluation.json"
+        else (f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was")
     )
     print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
     return 0
@@ -244,7 +391,9 @@ def compare_command(args: argparse.Namespace) -> int:
     check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), flags, parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
     print(title, flush=True)  # before the rows' progress lines (on stderr), which come before the table
-    rows = compare.compare_estimators(vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress)
+    rows = compare.compare_estimators(
+        vae, x, args.estimators, args.particles, args.repeats, exact_log_px=exact, progress=not args.no_progress
+    )
     print(compare.format_table(rows))
     print(compare.table_units(len(x)))
     # both written atomically: a symlink there is replaced, never followed
@@ -257,9 +406,9 @@ def compare_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     import torch
 
+    from .memory import check_step_memory
     from .model import GENERATE_CHUNK_SIZE
     from .plots import plot_image_grid
-    from .memory import check_step_memory
     from .run import RunFolder, load_run
 
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
@@ -268,7 +417,9 @@ def sample_command(args: argparse.Namespace) -> int:
     warn_if_config_edited(run, "--device")
     check_step_memory(run.vae, 1, min(args.num, GENERATE_CHUNK_SIZE), run.vae.prior_loc.device, "--num", training=False)
     torch.manual_seed(args.seed)
-    inside = Path(out).resolve().parent == run.folder.path.resolve()  # then a trainer starting now must not clean up our temporary file
+    inside = (
+        Path(out).resolve().parent == run.folder.path.resolve()
+    )  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
         plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ p(z)")
     print(f"written: {out}")
@@ -291,49 +442,115 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or any(action.default is v for v in (None, argparse.SUPPRESS, False)) or not action.option_strings:
+        if (
+            "default" in text
+            or any(action.default is v for v in (None, argparse.SUPPRESS, False))
+            or not action.option_strings
+        ):
             return text
         return super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, evaluate, compare ELBO estimators and sample.", formatter_class=Formatter)
+    p = Parser(
+        prog="pyro-vae",
+        description="Variational autoencoders as Pyro programs: train, evaluate, compare ELBO estimators and sample.",
+        formatter_class=Formatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a VAE with SVI on MNIST-family images", description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.", formatter_class=Formatter)
+    t = sub.add_parser(
+        "train",
+        help="train a VAE with SVI on MNIST-family images",
+        description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.",
+        formatter_class=Formatter,
+    )
     add_train_arguments(t)
     t.set_defaults(run=train_command, parser=t, memory_options="--hidden, --z-dim, --num-particles or --batch-size")
 
     run_dir_help = "a run folder written by pyro-vae train"
-    e = sub.add_parser("evaluate", formatter_class=Formatter, help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
-                       description="Evaluate a saved run on its test images: test ELBO and its two terms, importance-sampled log p(x) with standard error and PSIS k-hat, bits/dim where log p(x) is a probability, active units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder.")
+    e = sub.add_parser(
+        "evaluate",
+        formatter_class=Formatter,
+        help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
+        description="Evaluate a saved run on its test images: test ELBO and its two terms, importance-sampled log "
+        "p(x) with standard error and PSIS k-hat, bits/dim where log p(x) is a probability, active "
+        "units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder.",
+    )
     e.add_argument("run_dir", type=Path, help=run_dir_help)
-    e.add_argument("--num-samples", type=positive_int, default=1000,
-                   help="importance samples K per image, at least 2 (Burda et al. use 5000)")
-    e.add_argument("--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)")
+    e.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=1000,
+        help="importance samples K per image, at least 2 (Burda et al. use 5000)",
+    )
+    e.add_argument(
+        "--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)"
+    )
     e.add_argument("--data-dir", help="where the test data is, if not where training found it (default: the run's own)")
-    e.add_argument("--allow-different-data", action="store_true", help="evaluate even if the data differ from the run's (default off: refused)")
-    e.add_argument("--idata-points", type=positive_int, default=100, help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)")
+    e.add_argument(
+        "--allow-different-data",
+        action="store_true",
+        help="evaluate even if the data differ from the run's (default off: refused)",
+    )
+    e.add_argument(
+        "--idata-points",
+        type=positive_int,
+        default=100,
+        help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)",
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.set_defaults(run=evaluate_command, parser=e, memory_options="--chunk-size, --num-samples or --idata-points")
 
-    c = sub.add_parser("compare", formatter_class=Formatter, help="compare ELBO estimators: bound, loss spread, gradient variance and SNR, time per step",
-                       description="Compare ELBO estimators on a saved run's model and test images, or (without RUN_DIR) on a linear-Gaussian model whose log p(x) is exact. Prints a table and writes a CSV and a PNG.")
+    c = sub.add_parser(
+        "compare",
+        formatter_class=Formatter,
+        help="compare ELBO estimators: bound, loss spread, gradient variance and SNR, time per step",
+        description="Compare ELBO estimators on a saved run's model and test images, or (without RUN_DIR) on a "
+        "linear-Gaussian model whose log p(x) is exact. Prints a table and writes a CSV and a PNG.",
+    )
     c.add_argument("run_dir", type=Path, nargs="?", help=f"{run_dir_help}; omit it for the linear-Gaussian model")
-    c.add_argument("--estimators", nargs="+", default=["trace", "meanfield", "iwae", "reference"], choices=[*ESTIMATORS, "reference"], help="estimators to compare; reference is the plain-PyTorch ELBO")
+    c.add_argument(
+        "--estimators",
+        nargs="+",
+        default=["trace", "meanfield", "iwae", "reference"],
+        choices=[*ESTIMATORS, "reference"],
+        help="estimators to compare; reference is the plain-PyTorch ELBO",
+    )
     c.add_argument("--particles", type=positive_int, nargs="+", default=[1, 4, 16, 64], help="numbers of particles K")
-    c.add_argument("--repeats", type=_number(int, 2, what="a whole number"), default=50, help="independent estimates per estimator and K")
-    c.add_argument("--num-data", type=positive_int, default=32, help="datapoints: test images of the run, or draws of the linear-Gaussian model")
-    c.add_argument("--data-dir", help="where the run's test data is, if not where training found it (default: the run's own)")
-    c.add_argument("--allow-different-data", action="store_true", help="compare even if the data differ from the run's (default off: refused)")
+    c.add_argument(
+        "--repeats",
+        type=_number(int, 2, what="a whole number"),
+        default=50,
+        help="independent estimates per estimator and K",
+    )
+    c.add_argument(
+        "--num-data",
+        type=positive_int,
+        default=32,
+        help="datapoints: test images of the run, or draws of the linear-Gaussian model",
+    )
+    c.add_argument(
+        "--data-dir", help="where the run's test data is, if not where training found it (default: the run's own)"
+    )
+    c.add_argument(
+        "--allow-different-data",
+        action="store_true",
+        help="compare even if the data differ from the run's (default off: refused)",
+    )
     c.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads, fixed for comparable timings")
     c.add_argument("--seed", type=seed_int, default=0, help="seed of the draws (and of the linear-Gaussian model)")
     c.add_argument("--out", type=Path, help="folder for the CSV and PNG (default RUN_DIR/compare or runs/compare)")
     c.add_argument("--no-progress", action="store_true", help="do not print each finished row")
     c.set_defaults(run=compare_command, parser=c, memory_options="--particles or --num-data")
 
-    s = sub.add_parser("sample", formatter_class=Formatter, help="a PNG grid of samples from a saved run's prior",
-                       description="Draw z from the prior p(z) and save the means of p(x|z) as a PNG grid (training's own samples.png is left alone).")
+    s = sub.add_parser(
+        "sample",
+        formatter_class=Formatter,
+        help="a PNG grid of samples from a saved run's prior",
+        description="Draw z from the prior p(z) and save the means of p(x|z) as a PNG grid (training's own "
+        "samples.png is left alone).",
+    )
     s.add_argument("run_dir", type=Path, help=run_dir_help)
     s.add_argument("--num", type=_number(int, 1, 10000, what="a whole number"), default=64, help="number of samples")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")
@@ -399,7 +616,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return 2
     try:
         with warnings.catch_warnings():
-            # a non-finite step is skipped and counted, and too many stop the run with one line: Pyro's own warning is noise
+            # a non-finite step is skipped and counted, and too many stop the run with one line:
+            # Pyro's own warning is noise
             warnings.filterwarnings("ignore", message="Encountered (NaN|Inf)")
             return args.run(args)
     except (ConfigError, DataError, NumericalError) as e:
@@ -410,11 +628,15 @@ def _dispatch(argv: list[str] | None) -> int:
         print(f"pyro-vae: error{rank_label()}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # train says what it kept itself; the other commands replace files whole or not at all
-        print(f"pyro-vae: {args.command} interrupted; the files it had not finished writing are as they were",
-              file=sys.stderr)
+        print(
+            f"pyro-vae: {args.command} interrupted; the files it had not finished writing are as they were",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:
-        if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):  # CUDA's and the CPU allocator's words
+        if isinstance(e, MemoryError) or any(
+            m in str(e).lower() for m in ("out of memory", "can't allocate memory")
+        ):  # CUDA's and the CPU allocator's words
             print(f"pyro-vae: error{rank_label()}: out of memory; lower {args.memory_options}", file=sys.stderr)
             return 2
         raise

@@ -79,7 +79,9 @@ def parameter_groups(vae: VAE) -> dict[str, list[torch.nn.Parameter]]:
 
 def flat_grad(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
     """All gradients as one float64 vector; a parameter the loss does not touch counts as 0."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten() for p in params])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten() for p in params]
+    )
 
 
 def draw(step: LossStep, vae: VAE, x: torch.Tensor, repeats: int):
@@ -128,7 +130,13 @@ def compare_estimators(
     rows = []
     for name, k, step in steps:
         losses, seconds, grads = draw(step, vae, x, repeats)
-        row = dict(estimator=name, num_particles=k, repeats=repeats, loss_mean=losses.mean().item(), loss_std=losses.std().item())
+        row = dict(
+            estimator=name,
+            num_particles=k,
+            repeats=repeats,
+            loss_mean=losses.mean().item(),
+            loss_std=losses.std().item(),
+        )
         row["bound_per_datapoint"] = -row["loss_mean"] / n
         row["bound_se"] = row["loss_std"] / math.sqrt(repeats) / n
         if exact_log_px is not None:
@@ -174,8 +182,10 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def table_units(num_data: int) -> str:
     """One line giving the units of :func:`format_table`'s columns for a batch of ``num_data`` datapoints."""
-    return (f"units: loss_mean and loss_std are nats summed over the batch of {num_data} (loss = -bound); "
-            "bound_per_datapoint, bound_se and gap_to_log_px are nats per datapoint")
+    return (
+        f"units: loss_mean and loss_std are nats summed over the batch of {num_data} (loss = -bound); "
+        "bound_per_datapoint, bound_se and gap_to_log_px are nats per datapoint"
+    )
 
 
 def _series(rows: Sequence[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:

@@ -10,8 +10,22 @@ from typing import Any
 
 from .checks import check_count, data_dir_path, plain_value
 from .errors import ConfigError
-from .names import (ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, DEFAULT_STEP, GUIDES, LATENT_OPTIONS, LIKELIHOOD_OPTIONS, LIKELIHOODS, PRIORS, STEP_MODES,
-                    TRAIN_ESTIMATORS, check_binarization, dataset_name, default_binarization)
+from .names import (
+    ARCHITECTURES,
+    DEFAULT_FLOW_STEPS,
+    DEFAULT_PSEUDO_INPUTS,
+    DEFAULT_STEP,
+    GUIDES,
+    LATENT_OPTIONS,
+    LIKELIHOOD_OPTIONS,
+    LIKELIHOODS,
+    PRIORS,
+    STEP_MODES,
+    TRAIN_ESTIMATORS,
+    check_binarization,
+    dataset_name,
+    default_binarization,
+)
 
 
 @dataclasses.dataclass
@@ -44,7 +58,8 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     download: bool = False
-    step: str = DEFAULT_STEP  # pyro_vae.step: "traced" (the graph traced from model/guide), "inductor" (compiled too), "eager" (Pyro's ELBO)
+    # pyro_vae.step: "traced" (the graph traced from model/guide), "inductor" (compiled too), "eager" (Pyro's ELBO)
+    step: str = DEFAULT_STEP
 
     RUNTIME_FIELDS = ("epochs", "device", "data_dir", "download", "step")
 
@@ -73,11 +88,25 @@ class TrainConfig:
             raise ConfigError(f"hidden layer widths must be a list of positive integers, got {self.hidden!r}")
         for width in self.hidden:
             check_count("a hidden layer width", width)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and 0 < self.lr <= 10):
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not (math.isfinite(self.lr) and 0 < self.lr <= 10)
+        ):
             raise ConfigError(f"the learning rate must be a number in (0, 10], got {self.lr}")
-        if isinstance(self.kl_anneal_epochs, bool) or not isinstance(self.kl_anneal_epochs, (int, float)) or not (math.isfinite(self.kl_anneal_epochs) and self.kl_anneal_epochs >= 0):
+        if (
+            isinstance(self.kl_anneal_epochs, bool)
+            or not isinstance(self.kl_anneal_epochs, (int, float))
+            or not (math.isfinite(self.kl_anneal_epochs) and self.kl_anneal_epochs >= 0)
+        ):
             raise ConfigError(f"kl_anneal_epochs must be a finite number >= 0, got {self.kl_anneal_epochs}")
-        for name, value, choices in (("step mode", self.step, STEP_MODES), ("estimator", self.estimator, TRAIN_ESTIMATORS), ("architecture", self.architecture, ARCHITECTURES), ("prior", self.prior, PRIORS), ("guide", self.guide, GUIDES)):
+        for name, value, choices in (
+            ("step mode", self.step, STEP_MODES),
+            ("estimator", self.estimator, TRAIN_ESTIMATORS),
+            ("architecture", self.architecture, ARCHITECTURES),
+            ("prior", self.prior, PRIORS),
+            ("guide", self.guide, GUIDES),
+        ):
             if value not in choices:
                 raise ConfigError(f"the {name} {value!r} cannot train here; choose one of {', '.join(choices)}")
         check_binarization(self.likelihood, self.binarize)
@@ -90,11 +119,15 @@ class TrainConfig:
         """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a
         likelihood, prior or guide that this run does not use (``normal_scale`` for a Bernoulli
         run, ``flow_steps`` without the iaf guide)."""
-        owners = {option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()} | LATENT_OPTIONS
+        owners = {
+            option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()
+        } | LATENT_OPTIONS
         for option, (field, choice) in owners.items():
             if option in given and getattr(self, field) != choice:
                 flag = "--" + option.replace("_", "-")
-                raise ConfigError(f"{flag} is for --{field} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out")
+                raise ConfigError(
+                    f"{flag} is for --{field} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out"
+                )
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (a likelihood's own
@@ -113,11 +146,16 @@ class TrainConfig:
     def from_dict(cls, d: Any, source: str = "the run's configuration") -> "TrainConfig":
         """The config saved as ``d``; :class:`ConfigError` naming the problem for anything else."""
         if not isinstance(d, dict):
-            raise ConfigError(f"{source} is not a mapping of settings (got {type(d).__name__}); the run folder is damaged")
+            raise ConfigError(
+                f"{source} is not a mapping of settings (got {type(d).__name__}); the run folder is damaged"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"{source} has settings this version of pyro-vae does not know ({', '.join(unknown)}); it was written by a newer version: upgrade pyro-vae")
+            raise ConfigError(
+                f"{source} has settings this version of pyro-vae does not know ({', '.join(unknown)}); it was "
+                "written by a newer version: upgrade pyro-vae"
+            )
         try:
             config = cls(**d)
             config.validate()  # a damaged or hand-edited file: refused here, not deep in torch

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
 from .checks import check_count, data_dir_path
+from .errors import ConfigError, DataError
 from .names import DATASETS, check_binarization_name, dataset_name
 from .networks import IMAGE_SHAPE
 from .runtime import resolve_device
@@ -105,13 +105,21 @@ def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> torch.T
             if len(magic) < 4:
                 raise _corrupt(path, f"only {len(magic)} bytes, shorter than the 4-byte IDX magic number")
             if magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08 or magic[3] == 0:
-                raise _corrupt(path, f"bad IDX magic number {magic.hex()} (expected 0000 08 then a dimension count >= 1, i.e. unsigned-byte data)")
+                raise _corrupt(
+                    path,
+                    f"bad IDX magic number {magic.hex()} (expected 0000 08 then a dimension count >= 1, i.e. "
+                    "unsigned-byte data)",
+                )
             ndim = magic[3]
             header = _read_exactly(f, path, 4 * ndim)
             dims = [int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(ndim)]
             size = math.prod(dims)
             if size > max_bytes:
-                raise _corrupt(path, f"its header announces {dims} = {size} bytes, more than the {max_bytes} an image data set of this kind can hold")
+                raise _corrupt(
+                    path,
+                    f"its header announces {dims} = {size} bytes, more than the {max_bytes} an image data set of "
+                    "this kind can hold",
+                )
             payload = np.empty(size, dtype=np.uint8)
             got = f.readinto(memoryview(payload)) if size else 0
             while got < size:
@@ -161,7 +169,10 @@ def _not_found(name: str, looked: list[Path], root: Path, explicit: bool) -> Dat
     ways.append("pass --download to fetch it with torchvision (needs internet)")
     if name in _SYSTEM_PACKAGES and not explicit:
         ways.append(f"on Debian/Ubuntu: apt-get install {_SYSTEM_PACKAGES[name]}")
-    return DataError(f"dataset {name!r} not found. Looked in: {', '.join(map(str, looked))}. To get it: {'; or '.join(ways)} (--download saves into {root})")  # one line, as every error
+    return DataError(
+        f"dataset {name!r} not found. Looked in: {', '.join(map(str, looked))}. To get it: {'; or '.join(ways)} "
+        f"(--download saves into {root})"
+    )  # one line, as every error
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageDataset:
@@ -191,10 +202,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     try:
         getattr(torchvision.datasets, DATASETS[name])(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as e:
-        raise DataError(f"downloading {name!r} into {root} failed ({' '.join(str(e).split())}). {_not_found(name, places, root, explicit)}") from e
+        raise DataError(
+            f"downloading {name!r} into {root} failed ({' '.join(str(e).split())}). "
+            f"{_not_found(name, places, root, explicit)}"
+        ) from e
     files = _find_idx_files(raw)
     if files is None:
-        raise DataError(f"torchvision reported a download of {name!r} but {raw} lacks its IDX files; delete {raw} and try again")
+        raise DataError(
+            f"torchvision reported a download of {name!r} but {raw} lacks its IDX files; delete {raw} and try again"
+        )
     return _load_idx_dir(name, raw.resolve(), files)
 
 

@@ -16,7 +16,6 @@ uses it (it takes seconds to import).
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,8 +56,16 @@ def pareto_k_summary(k: np.ndarray) -> dict[str, Any]:
     ``k > 0.7`` (bad: unreliable; a failed fit, ``inf`` or ``nan``, counts as bad). These are the
     fixed thresholds of Vehtari et al. 2015; ``arviz.loo`` uses ``min(1 - 1 / log10 K, 0.7)``."""
     k = np.asarray(k, dtype=np.float64)
-    counts = {"good": int(np.sum(k <= K_GOOD)), "ok": int(np.sum((k > K_GOOD) & (k <= K_OK))), "bad": int(np.sum(~(k <= K_OK)))}
-    return {**counts, **{f"{name}_share": count / max(k.size, 1) for name, count in counts.items()}, "total": int(k.size)}
+    counts = {
+        "good": int(np.sum(k <= K_GOOD)),
+        "ok": int(np.sum((k > K_GOOD) & (k <= K_OK))),
+        "bad": int(np.sum(~(k <= K_OK))),
+    }
+    return {
+        **counts,
+        **{f"{name}_share": count / max(k.size, 1) for name, count in counts.items()},
+        "total": int(k.size),
+    }
 
 
 @torch.no_grad()

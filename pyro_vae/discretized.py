@@ -281,13 +281,19 @@ def dequantized_log_likelihood_bound(
     if x_levels.dim() < 2 or x_levels.shape[0] == 0:
         raise DataError(f"x_levels must have shape (N, *pixel_shape) with N >= 1, got {tuple(x_levels.shape)}")
     if not torch.all(pixel_levels.check(x_levels)):
-        raise DataError("x_levels must be 8-bit pixels k / 255 (k = 0..255), as floats: pass uint8 images as x.float() / 255, not dequantized or 0..255 values")
+        raise DataError(
+            "x_levels must be 8-bit pixels k / 255 (k = 0..255), as floats: pass uint8 images as x.float() / 255, "
+            "not dequantized or 0..255 values"
+        )
     k = (x_levels * TOP).round()
     u = torch.rand((num_samples, *k.shape), generator=generator, dtype=k.dtype, device=k.device)
     num_pixels = k[0].numel()
     log_p = log_density_fn((k + u) / (TOP + 1))
     if log_p.shape != u.shape[:2]:
-        raise DataError(f"log_density_fn must return log p(y) summed over pixels, shape {tuple(u.shape[:2])}; it returned {tuple(log_p.shape)}")
+        raise DataError(
+            f"log_density_fn must return log p(y) summed over pixels, shape {tuple(u.shape[:2])}; it returned "
+            f"{tuple(log_p.shape)}"
+        )
     bound = log_p - num_pixels * math.log(TOP + 1)
     standard_error = bound.std(0) / math.sqrt(num_samples) if num_samples > 1 else torch.full_like(bound[0], math.nan)
     return bound.mean(0), standard_error

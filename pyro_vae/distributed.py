@@ -99,7 +99,10 @@ class Distributed:
         """The training device of this rank: ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``."""
         device = resolve_device(name, self.local_rank)
         if self.backend == "nccl" and device.type != "cuda":
-            raise ConfigError(f"the nccl backend reduces CUDA tensors only, but this run trains on {device}; use --backend gloo (or auto) or a CUDA device")
+            raise ConfigError(
+                f"the nccl backend reduces CUDA tensors only, but this run trains on {device}; use --backend gloo "
+                "(or auto) or a CUDA device"
+            )
         return device
 
     def share(self, value: float, device: torch.device, what: str) -> float:
@@ -119,7 +122,9 @@ class Distributed:
         """A lost peer, with where the run can continue from."""
         if not checkpoint.exists():
             return error
-        return DistributedError(f"{str(error).rstrip('.')}. The last complete checkpoint is {checkpoint}; continue the run with --resume.")
+        return DistributedError(
+            f"{str(error).rstrip('.')}. The last complete checkpoint is {checkpoint}; continue the run with --resume."
+        )
 
     def all_or_none(self, doing: str):
         """:func:`all_or_none` over this job."""
@@ -167,7 +172,9 @@ class Distributed:
             more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
             raise DistributedError(f"rank {rank} of {self.world_size}{more} could not {doing}: {message}")
 
-    def sum_in_place(self, tensors: list[torch.Tensor], what: str = "sum the loss and gradients over the ranks") -> None:
+    def sum_in_place(
+        self, tensors: list[torch.Tensor], what: str = "sum the loss and gradients over the ranks"
+    ) -> None:
         """Replace each of ``tensors`` (same shapes on every rank) by its sum over the ranks, in one
         all-reduce of one flat buffer (the gradient summation of data-parallel training)."""
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -202,7 +209,10 @@ class Distributed:
             dist.all_gather_object(digests, digest.hexdigest())
         if len(set(digests)) != 1:
             groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
-            raise DistributedError(f"the model's parameters differ between ranks (ranks with equal parameters: {list(groups.values())}); the replicas went out of sync and training cannot go on")
+            raise DistributedError(
+                "the model's parameters differ between ranks (ranks with equal parameters: "
+                f"{list(groups.values())}); the replicas went out of sync and training cannot go on"
+            )
 
 
 @contextlib.contextmanager
@@ -223,14 +233,18 @@ def job(backend: str = "auto", timeout_s: float | None = None) -> Iterator[Distr
         yield SingleProcess()
         return
     if not dist.is_available():
-        raise ConfigError("this process was launched as part of a distributed job but this torch build has no torch.distributed")
+        raise ConfigError(
+            "this process was launched as part of a distributed job but this torch build has no torch.distributed"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owned = not dist.is_initialized()
     if owned:
         timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         _join(backend, timeout_s, local_rank)
     try:
-        yield Distributed(dist.get_rank(), dist.get_world_size(), local_rank, str(dist.get_backend()), timeout_s if owned else None)
+        yield Distributed(
+            dist.get_rank(), dist.get_world_size(), local_rank, str(dist.get_backend()), timeout_s if owned else None
+        )
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
@@ -245,13 +259,17 @@ def _join(backend: str, timeout_s: float, local_rank: int) -> None:
         torch.cuda.set_device(local_rank)  # NCCL's collectives run on the current device
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun, or unset RANK and WORLD_SIZE for a single process")
+        raise ConfigError(
+            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "start the processes with torchrun, or unset RANK and WORLD_SIZE for a single process"
+        )
     name = {"auto": "cpu:gloo,cuda:nccl" if cuda else "gloo"}.get(backend, backend)
     try:
         dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:  # dist.DistError, or a bad environment
         raise DistributedError(
-            f"could not join the job at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (timeout {timeout_s:g} s, "
+            f"could not join the job at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (timeout "
+            f"{timeout_s:g} s, "
             f"--dist-timeout); is every node started, with the same --nnodes and --master_addr? Cause: {first_line(e)}"
         ) from e
 

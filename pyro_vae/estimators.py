@@ -33,17 +33,20 @@ from .errors import ConfigError
 from .names import ESTIMATORS
 
 
-
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``log((1/K) sum_k exp(log_w_k))`` over ``dim`` (of size K): the importance-weighted estimate of
     ``log p(x)`` from K log-weights (Burda et al. 2015, eq. 8), computed stably."""
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
 
 
-def make_elbo(name: str = "meanfield", num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: int = 1) -> ELBO:
+def make_elbo(
+    name: str = "meanfield", num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: int = 1
+) -> ELBO:
     """An ELBO estimator with ``num_particles`` samples per datapoint, vectorized by default."""
     num_particles = check_count("num_particles", num_particles)
-    kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting)
+    kwargs = dict(
+        num_particles=num_particles, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting
+    )
     if name == "trace":
         return Trace_ELBO(**kwargs)
     if name == "meanfield":
@@ -64,8 +67,16 @@ class DataPlateIWELBO(ELBO):
     reparameterization trick, so every guide site must be reparameterizable.
     """
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, vectorize_particles: bool = True, plate_name: str = "data"):
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=vectorize_particles)
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: int = 1,
+        vectorize_particles: bool = True,
+        plate_name: str = "data",
+    ):
+        super().__init__(
+            num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=vectorize_particles
+        )
         self.plate_name = plate_name
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -83,10 +94,16 @@ class DataPlateIWELBO(ELBO):
             log_w = 0.0
             for trace, sign, observed_too in ((model_trace, 1.0, True), (guide_trace, -1.0, False)):
                 for site in trace.nodes.values():
-                    if site["type"] != "sample" or site_is_subsample(site) or (site["is_observed"] and not observed_too):
+                    if (
+                        site["type"] != "sample"
+                        or site_is_subsample(site)
+                        or (site["is_observed"] and not observed_too)
+                    ):
                         continue
                     if sign < 0 and not site["fn"].has_rsample:
-                        raise NotImplementedError(f"guide site {site['name']!r} is not reparameterizable; the iwae estimator needs rsample")
+                        raise NotImplementedError(
+                            f"guide site {site['name']!r} is not reparameterizable; the iwae estimator needs rsample"
+                        )
                     log_p, data_scale = self._datapoint_log_prob(site, vectorized, weighted)
                     log_w = log_w + sign * log_p
             per_trace.append(log_w)
@@ -96,7 +113,10 @@ class DataPlateIWELBO(ELBO):
     def _datapoint_log_prob(self, site, keep_particle_dim: bool, weighted: bool) -> tuple[torch.Tensor, float]:
         frame = next((f for f in site["cond_indep_stack"] if f.name == self.plate_name), None)
         if frame is None:
-            raise ValueError(f"site {site['name']!r} is outside the {self.plate_name!r} plate; per-datapoint weights need every sample site inside it")
+            raise ValueError(
+                f"site {site['name']!r} is outside the {self.plate_name!r} plate; per-datapoint weights need every "
+                "sample site inside it"
+            )
         data_scale = (frame.full_size or frame.size) / frame.size
         if weighted:
             log_p = site["log_prob"] / data_scale

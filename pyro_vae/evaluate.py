@@ -7,9 +7,9 @@ reports for a saved run.
 :meth:`~pyro_vae.estimators.DataPlateIWELBO.log_weights` of the unscaled model (whatever handlers
 surround it), drawn ``chunk_size`` particles at a time so memory stays bounded by
 ``chunk_size x batch`` whatever K is; for a VAE's own model and guide, the same weights of the same
-draws come from :mod:`pyro_vae.fast_log_weights`, several times faster. The standard error of such an estimate is itself estimated
-from the weights, and is trustworthy only when their tail is light: every result carries the PSIS
-k-hat of each datapoint (Vehtari et al. 2024) and warns when it exceeds 0.7.
+draws come from :mod:`pyro_vae.fast_log_weights`, several times faster. The standard error of
+such an estimate is itself estimated from the weights, and is trustworthy only when their tail is
+light: every result carries the PSIS k-hat of each datapoint (Vehtari et al. 2024) and warns when it exceeds 0.7.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .checks import check_count
 from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
 from .discretized import dequantized_log_likelihood_bound
-from .checks import check_count
 from .errors import ConfigError
 from .estimators import DataPlateIWELBO, log_mean_exp, make_elbo
 from .fast_log_weights import draw_noise, fast_path_vae, matches_pyro, vae_log_weights
 from .runtime import seeded
-
 
 # below about this many weights ArviZ cannot fit the Pareto tail (it returns inf)
 MIN_SAMPLES_FOR_K_HAT = 25
@@ -74,14 +73,16 @@ class LogLikelihood:
         """What a reader must know when some k-hat exceeds 0.7 or cannot be fitted, else None."""
         if self.num_samples < MIN_SAMPLES_FOR_K_HAT:
             return (
-                f"K={self.num_samples} importance samples are too few to fit PSIS k-hat (it needs about {MIN_SAMPLES_FOR_K_HAT}), "
+                f"K={self.num_samples} importance samples are too few to fit PSIS k-hat (it needs about "
+                f"{MIN_SAMPLES_FOR_K_HAT}), "
                 "so nothing checks whether the standard error can be trusted; raise num_samples (K)"
             )
         share = self.unreliable_share()
         if share == 0:
             return None
         return (
-            f"PSIS k-hat > {K_OK} for {100 * share:.0f}% of the datapoints (K={self.num_samples}): there q(z|x) is narrower "
+            f"PSIS k-hat > {K_OK} for {100 * share:.0f}% of the datapoints (K={self.num_samples}): there q(z|x) is "
+            "narrower "
             "than the posterior, log p(x) is a noisy lower bound and its standard error is too small; "
             "raise num_samples (K) to tighten it"
         )
@@ -108,7 +109,17 @@ class LogLikelihood:
 
 
 @torch.no_grad()
-def importance_log_weights(model, guide, x: torch.Tensor, num_samples: int, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, fast_path: bool = True, **kwargs) -> torch.Tensor:
+def importance_log_weights(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int = 500,
+    plate_name: str = "data",
+    max_plate_nesting: int = 1,
+    fast_path: bool = True,
+    **kwargs,
+) -> torch.Tensor:
     """``log w_ik`` of shape ``(num_samples, N)`` in float64 on the CPU, drawn ``chunk_size``
     particles at a time (memory ``chunk_size x N`` whatever ``num_samples``); ``kwargs`` go to
     model and guide. ``logsumexp_k log w_ik - log K`` is the IWAE estimate of ``log p(x_i)``.
@@ -129,18 +140,38 @@ def importance_log_weights(model, guide, x: torch.Tensor, num_samples: int, chun
         if vae is not None:
             log_w = vae_log_weights(vae, x, draw_noise(vae, x, particles))
         else:
-            elbo = DataPlateIWELBO(num_particles=particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True, plate_name=plate_name)
+            elbo = DataPlateIWELBO(
+                num_particles=particles,
+                max_plate_nesting=max_plate_nesting,
+                vectorize_particles=True,
+                plate_name=plate_name,
+            )
             log_w = elbo.log_weights(model, guide, x, weighted=False, **kwargs)[0]
         chunks.append(log_w.double().cpu())
     return torch.cat(chunks)
 
 
-def log_marginal_likelihood(model, guide, x: torch.Tensor, num_samples: int = 5000, chunk_size: int = 500, plate_name: str = "data", max_plate_nesting: int = 1, warn: bool = True, fast_path: bool = True, **kwargs) -> LogLikelihood:
+def log_marginal_likelihood(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int = 500,
+    plate_name: str = "data",
+    max_plate_nesting: int = 1,
+    warn: bool = True,
+    fast_path: bool = True,
+    **kwargs,
+) -> LogLikelihood:
     """Importance-sampled ``log p(x_i)`` for each datapoint of the batch ``x``, with standard errors and
     PSIS k-hat (:meth:`LogLikelihood.from_log_weights`); warns (:class:`ImportanceSamplingWarning`)
     when some k-hat exceeds 0.7, unless ``warn=False``. The weights: :func:`importance_log_weights`
     (``fast_path=False``: from the Pyro program even for a VAE's own model and guide)."""
-    result = LogLikelihood.from_log_weights(importance_log_weights(model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, fast_path, **kwargs))
+    result = LogLikelihood.from_log_weights(
+        importance_log_weights(
+            model, guide, x, num_samples, chunk_size, plate_name, max_plate_nesting, fast_path, **kwargs
+        )
+    )
     message = result.warning()
     if warn and message:
         warnings.warn(message, ImportanceSamplingWarning, stacklevel=2)
@@ -202,14 +233,24 @@ class Evaluation:
             "bits_per_dim": self.bits_per_dim,
             "pareto_k": pareto_k_summary(ll.pareto_k),
             "dequantized_log_likelihood": None if self.dequantized is None else self.dequantized.mean().item(),
-            "dequantized_log_likelihood_se": None if self.dequantized is None else standard_error_of_mean(self.dequantized),
+            "dequantized_log_likelihood_se": None
+            if self.dequantized is None
+            else standard_error_of_mean(self.dequantized),
             "dequantized_bits_per_dim": self.dequantized_bits_per_dim(),
             "active_units": self.active_units,
             "kl_per_dimension": self.kl_per_dimension,
         }
 
 
-def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size: int = 250, keep_log_weights: int = 100, progress: bool = False) -> Evaluation:
+def evaluate_model(
+    vae,
+    batches,
+    seed: int,
+    num_samples: int = 1000,
+    chunk_size: int = 250,
+    keep_log_weights: int = 100,
+    progress: bool = False,
+) -> Evaluation:
     """Evaluate ``vae`` on the test split ``batches`` (a :class:`~pyro_vae.data.DeviceBatches`):
     test ELBO (:func:`mean_elbo`), its two terms, importance-sampled ``log p(x)`` with ``num_samples``
     samples per image and k-hat, active units and KL per latent dimension. The first
@@ -235,15 +276,36 @@ def evaluate_model(vae, batches, seed: int, num_samples: int = 1000, chunk_size:
     check_count("keep_log_weights", keep_log_weights, minimum=0)
     from .memory import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
 
-    check_step_memory(vae, min(chunk_size, num_samples), batches.batch_size, vae.prior_loc.device, "--chunk-size or --num-samples", training=False, extra_bytes=2 * 8 * num_samples * len(batches.labels))
+    check_step_memory(
+        vae,
+        min(chunk_size, num_samples),
+        batches.batch_size,
+        vae.prior_loc.device,
+        "--chunk-size or --num-samples",
+        training=False,
+        extra_bytes=2 * 8 * num_samples * len(batches.labels),
+    )
     with seeded(vae.prior_loc.device, seed):
-        log_w = [importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size) for x, _ in tqdm(batches.eval_batches(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False)]
+        log_w = [
+            importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size)
+            for x, _ in tqdm(
+                batches.eval_batches(),
+                total=len(batches),
+                desc="importance sampling",
+                disable=None if progress else True,
+                leave=False,
+            )
+        ]
         x_all = batches.full()
         terms = elbo_terms(vae, x_all, chunk_size=batches.batch_size)  # a batch at a time, as the memory check counts
         dequantized = None
         if vae.likelihood.data_kind == "density" and batches.eight_bit:
-            log_p = lambda y: LogLikelihood.from_log_weights(importance_log_weights(vae.model, vae.guide, y[0], num_samples, chunk_size)).log_px.unsqueeze(0)
-            dequantized = torch.cat([dequantized_log_likelihood_bound(log_p, x, 1)[0] for x in batches.levels().split(batches.batch_size)])
+            log_p = lambda y: LogLikelihood.from_log_weights(
+                importance_log_weights(vae.model, vae.guide, y[0], num_samples, chunk_size)
+            ).log_px.unsqueeze(0)
+            dequantized = torch.cat(
+                [dequantized_log_likelihood_bound(log_p, x, 1)[0] for x in batches.levels().split(batches.batch_size)]
+            )
     ll = LogLikelihood.cat([LogLikelihood.from_log_weights(w) for w in log_w])
     return Evaluation(
         test_images=ll.log_px.numel(),

@@ -171,7 +171,10 @@ def matches_pyro(vae: VAE, x: torch.Tensor, estimator) -> bool:
     tolerance = torch.finfo(fast.dtype).eps * x[0].numel() * (1 + pyro_log_w.abs())
     if not ((fast - pyro_log_w).abs() <= tolerance).all():
         worst = (fast - pyro_log_w).abs().max().item()
-        message = f"the fast path of the log-weights differs from the Pyro program by up to {worst:.3g} nats; using the Pyro path"
+        message = (
+            f"the fast path of the log-weights differs from the Pyro program by up to {worst:.3g} nats; "
+            "using the Pyro path"
+        )
         warnings.warn(message, FastPathWarning, stacklevel=3)
         return False
     return True

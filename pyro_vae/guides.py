@@ -62,9 +62,7 @@ class IAFGuide(nn.Module):
     ) -> dist.TorchDistribution:
         if context is None or context.shape[-1] != self.context_dim:
             got = "none" if context is None else context.shape[-1]
-            raise ConfigError(
-                f"the iaf guide needs a context of {self.context_dim} values from the encoder, got {got}"
-            )
+            raise ConfigError(f"the iaf guide needs a context of {self.context_dim} values from the encoder, got {got}")
         base = dist.Normal(loc, scale).to_event(1)
         return dist.ConditionalTransformedDistribution(base, list(self.flows)).condition(context)
 

@@ -29,7 +29,13 @@ def _group(data: dict[str, np.ndarray], dims: Sequence[str], coords: dict[str, A
     """An ArviZ group: every variable has ``dims`` (after ``chain, draw`` when ``sampled``)."""
     import arviz as az
 
-    return az.dict_to_dataset(data, library=pyro, coords=coords, dims={name: list(dims) for name in data}, default_dims=None if sampled else [])
+    return az.dict_to_dataset(
+        data,
+        library=pyro,
+        coords=coords,
+        dims={name: list(dims) for name in data},
+        default_dims=None if sampled else [],
+    )
 
 
 def training_group(training_metrics: Sequence[dict[str, Any]]):
@@ -38,7 +44,10 @@ def training_group(training_metrics: Sequence[dict[str, Any]]):
     numeric = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
     keys = dict.fromkeys(key for row in training_metrics for key in row)
     names = [name for name in keys if name != "epoch" and all(numeric(row.get(name)) for row in training_metrics)]
-    data = {name: np.array([np.nan if row.get(name) is None else row[name] for row in training_metrics], dtype=np.float64) for name in names}
+    data = {
+        name: np.array([np.nan if row.get(name) is None else row[name] for row in training_metrics], dtype=np.float64)
+        for name in names
+    }
     return _group(data, ["epoch"], {"epoch": np.array([row["epoch"] for row in training_metrics])}, sampled=False)
 
 
@@ -46,17 +55,29 @@ def importance_sampling_group(log_weights: torch.Tensor, n: int):
     """PSIS ``pareto_k`` and ``log_px = logsumexp_k log w_ik - log K`` per datapoint."""
     log_weights = torch.as_tensor(log_weights, dtype=torch.float64).cpu()
     if log_weights.dim() != 2 or log_weights.shape[1] != n:
-        raise DataError(f"log_weights must have shape (num_samples, {n}) for a batch of {n} datapoints, got {tuple(log_weights.shape)}")
+        raise DataError(
+            f"log_weights must have shape (num_samples, {n}) for a batch of {n} datapoints, got "
+            f"{tuple(log_weights.shape)}"
+        )
     log_px = log_mean_exp(log_weights)
-    group = _group({"pareto_k": pareto_k(log_weights), "log_px": log_px.numpy()}, ["datapoint"], {"datapoint": np.arange(n)}, sampled=False)
+    group = _group(
+        {"pareto_k": pareto_k(log_weights), "log_px": log_px.numpy()},
+        ["datapoint"],
+        {"datapoint": np.arange(n)},
+        sampled=False,
+    )
     group.attrs["num_samples"] = log_weights.shape[0]
     return group
 
 
 @torch.no_grad()
 def to_inference_data(
-    vae, x: torch.Tensor, log_weights: torch.Tensor | None = None, num_draws: int = 100,
-    training_metrics: Sequence[dict[str, Any]] | None = None, attrs: dict[str, Any] | None = None,
+    vae,
+    x: torch.Tensor,
+    log_weights: torch.Tensor | None = None,
+    num_draws: int = 100,
+    training_metrics: Sequence[dict[str, Any]] | None = None,
+    attrs: dict[str, Any] | None = None,
     max_draws: int | None = None,
 ) -> "az.InferenceData":
     """The VAE's fit to the batch ``x`` as :class:`arviz.InferenceData` (one chain).

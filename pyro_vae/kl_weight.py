@@ -32,7 +32,9 @@ def check_kl_weight(weight: float | torch.Tensor) -> None:
     """Raise :class:`ConfigError` unless ``weight`` is a finite non-negative number (or a scalar tensor)."""
     if isinstance(weight, torch.Tensor):
         if weight.dim() != 0 or not weight.dtype.is_floating_point:
-            raise ConfigError(f"a KL weight tensor must be a floating-point scalar, got {weight.dtype} of shape {tuple(weight.shape)}")
+            raise ConfigError(
+                f"a KL weight tensor must be a floating-point scalar, got {weight.dtype} of shape {tuple(weight.shape)}"
+            )
         return  # a tensor weight is a graph input (compiled step): its value is checked by whoever sets it
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):  # numpy's scalars too
         raise ConfigError(f"the KL weight must be a number, got {type(weight).__name__}")
@@ -72,6 +74,8 @@ def kl_weighted(fn: Callable, weight: float | torch.Tensor) -> Callable:
     return LatentWeight(weight)(fn)
 
 
-def elbo_loss(elbo: ELBO, model: Callable, guide: Callable, x: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, **kwargs) -> torch.Tensor:
+def elbo_loss(
+    elbo: ELBO, model: Callable, guide: Callable, x: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, **kwargs
+) -> torch.Tensor:
     """``-ELBO_beta`` of the batch ``x`` summed over datapoints, differentiable, with ``beta = kl_weight``."""
     return elbo.differentiable_loss(kl_weighted(model, kl_weight), kl_weighted(guide, kl_weight), x, **kwargs)

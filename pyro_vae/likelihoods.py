@@ -28,7 +28,6 @@ from .names import DATA_KINDS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALE
 from .networks import inverse_positive_scale, positive_scale
 
 
-
 def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
     """``log C(lambda)`` with ``lambda = sigmoid(eta)``: ``C = 2 atanh(1 - 2 lambda) / (1 - 2 lambda)``
     (Loaiza-Ganem & Cunningham 2019, eq. 3), which in logits is ``eta / tanh(eta / 2)``; near
@@ -37,7 +36,6 @@ def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
     safe = a.clamp_min(1e-2)
     exact = safe.log() - torch.tanh(safe / 2).log()
     return torch.where(a < 1e-2, math.log(2.0) + a.pow(2) / 12, exact)
-
 
 
 class StableContinuousBernoulli(dist.ContinuousBernoulli):
@@ -179,7 +177,8 @@ class DiscretizedLikelihood(Likelihood):
         if not torch.all(discretized.pixel_levels.check(x)):
             raise DataError(
                 f"the {self.name} likelihood needs 8-bit pixels k / 255 (k = 0..255), but x has other values. "
-                "Feed uint8 images as x.float() / 255 without dequantizing (--binarize none), or use a density likelihood "
+                "Feed uint8 images as x.float() / 255 without dequantizing (--binarize none), or use a density "
+                "likelihood "
                 "('normal', 'continuous_bernoulli') for continuous data."
             )
 
@@ -217,7 +216,14 @@ class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
         return discretized.DiscretizedLogisticMixture(logits, loc, discretized.discretized_scale(raw))
 
 
-_CLASSES = (BernoulliLikelihood, ContinuousBernoulliLikelihood, NormalLikelihood, DiscretizedLogisticLikelihood, DiscretizedNormalLikelihood, DiscretizedLogisticMixtureLikelihood)
+_CLASSES = (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    NormalLikelihood,
+    DiscretizedLogisticLikelihood,
+    DiscretizedNormalLikelihood,
+    DiscretizedLogisticMixtureLikelihood,
+)
 LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {cls.name: cls for cls in _CLASSES}
 assert tuple(LIKELIHOOD_CLASSES) == LIKELIHOODS, "every name in pyro_vae.names.LIKELIHOODS has its class here"
 
@@ -229,7 +235,9 @@ def likelihood_class(name: str) -> type[Likelihood]:
     return LIKELIHOOD_CLASSES[name]
 
 
-def make_likelihood(name: str | Likelihood, x_shape: Sequence[int], normal_scale: str | float = "shared", mixture_components: int = 5) -> Likelihood:
+def make_likelihood(
+    name: str | Likelihood, x_shape: Sequence[int], normal_scale: str | float = "shared", mixture_components: int = 5
+) -> Likelihood:
     """Build a likelihood from its name (one of :data:`~pyro_vae.names.LIKELIHOODS`), or pass an instance through."""
     if isinstance(name, Likelihood):
         return name

@@ -20,7 +20,11 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
     the parameters still to be allocated (4 before training: the values, their gradients and Adam's
     two moments). ``vae`` may live on the ``meta`` device, which allocates nothing."""
     counted = []
-    hooks = [m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0)) for m in vae.decoder.modules() if not list(m.children())]
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: counted.append(out.numel() if isinstance(out, torch.Tensor) else 0))
+        for m in vae.decoder.modules()
+        if not list(m.children())
+    ]
     try:
         with torch.no_grad():
             vae.decoder(vae.prior_loc.new_zeros(1, vae.z_dim))
@@ -43,7 +47,16 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device, options: str, training: bool = True, extra_bytes: int = 0, parameter_copies: int = 0) -> None:
+def check_step_memory(
+    vae: VAE,
+    particles: int,
+    batch: int,
+    device: torch.device,
+    options: str,
+    training: bool = True,
+    extra_bytes: int = 0,
+    parameter_copies: int = 0,
+) -> None:
     """:class:`ConfigError` naming ``options`` if a step (:func:`step_memory_bytes`, plus
     ``extra_bytes``) would need more memory than ``device`` has, before anything is allocated."""
     need = step_memory_bytes(vae, particles, batch, training, parameter_copies) + extra_bytes
@@ -53,4 +66,7 @@ def check_step_memory(vae: VAE, particles: int, batch: int, device: torch.device
         model = f" with a model of {sum(p.numel() for p in vae.parameters()):,} parameters" if parameter_copies else ""
         kept = f" and {extra_bytes / 2**30:,.1f} GiB of results kept" if extra_bytes else ""
         what = f"{particles} particles x {batch} images a step{model}{kept}"
-        raise ConfigError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on {device}; lower {options}")
+        raise ConfigError(
+            f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on "
+            f"{device}; lower {options}"
+        )

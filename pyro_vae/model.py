@@ -50,7 +50,14 @@ GENERATE_CHUNK_SIZE = 256  # draws of z that VAE.generate decodes at a time
 
 def _count(name: str, value) -> int:
     """``value`` as an int if it is a whole number >= 1 (not a bool), else :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.Tensor)) or (isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (numbers.Integral, torch.Tensor))
+        or (
+            isinstance(value, torch.Tensor)
+            and (value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool)
+        )
+    ):
         raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
     if int(value) < 1:
         raise ConfigError(f"{name} must be a whole number >= 1, got {int(value)}")
@@ -235,19 +242,27 @@ class VAE(nn.Module):
                 raise ConfigError(f"{part} must be a torch.nn.Module, got {type(net).__name__}")
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, (numbers.Integral, Iterable)):
             raise ConfigError(f"hidden must be a width or a sequence of widths (positive integers), got {hidden!r}")
-        hidden = tuple(_count("a hidden layer width", h) for h in ((hidden,) if isinstance(hidden, numbers.Integral) else hidden))
-        if isinstance(normal_scale, bool) or (isinstance(normal_scale, numbers.Real) and not (math.isfinite(normal_scale) and normal_scale > 0)):
+        hidden = tuple(
+            _count("a hidden layer width", h) for h in ((hidden,) if isinstance(hidden, numbers.Integral) else hidden)
+        )
+        if isinstance(normal_scale, bool) or (
+            isinstance(normal_scale, numbers.Real) and not (math.isfinite(normal_scale) and normal_scale > 0)
+        ):
             raise ConfigError(f"a fixed normal_scale must be a positive finite number, got {normal_scale!r}")
         own_networks = encoder is not None and decoder is not None
         self.x_shape = data_shape(x_dim, x_shape, architecture, own_networks)
         self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale, mixture_components)
         if self.likelihood.x_shape != self.x_shape:
-            raise ConfigError(f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}")
+            raise ConfigError(
+                f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}"
+            )
         # the decoder emits num_params values per pixel (per channel for images)
         out_shape = (self.likelihood.num_params * self.x_shape[0], *self.x_shape[1:])
         if architecture == "conv" and len(hidden) > 1:  # a run would record widths it never used
-            raise ConfigError(f"the conv networks have one dense layer: give one hidden width (--hidden {hidden[0]}), "
-                              f"got {len(hidden)} ({' '.join(map(str, hidden))})")
+            raise ConfigError(
+                f"the conv networks have one dense layer: give one hidden width (--hidden {hidden[0]}), "
+                f"got {len(hidden)} ({' '.join(map(str, hidden))})"
+            )
         width = hidden[0] if hidden else 256
         context_dim = z_dim if guide == "iaf" else 0  # the built-in encoder's context h(x)
         if encoder is not None:
@@ -315,9 +330,15 @@ class VAE(nn.Module):
         if not x.dtype.is_floating_point:
             raise DataError(f"x has dtype {x.dtype}; convert it to floating point (uint8 images: x.float() / 255)")
         if x.dtype != self.prior_loc.dtype:
-            raise DataError(f"x has dtype {x.dtype} but the model's parameters are {self.prior_loc.dtype}; use x.to({self.prior_loc.dtype})")
+            raise DataError(
+                f"x has dtype {x.dtype} but the model's parameters are {self.prior_loc.dtype}; use "
+                f"x.to({self.prior_loc.dtype})"
+            )
         if x.device != self.prior_loc.device:
-            raise DataError(f"x is on {x.device} but the model is on {self.prior_loc.device}; move one of them (x.to(device) or vae.to(device))")
+            raise DataError(
+                f"x is on {x.device} but the model is on {self.prior_loc.device}; move one of them (x.to(device) or "
+                "vae.to(device))"
+            )
         if is_validation_enabled():
             if not torch.all(torch.isfinite(x)):
                 raise DataError("x has NaN or infinite values")
@@ -336,7 +357,13 @@ class VAE(nn.Module):
             raise ConfigError(f"num_data={num_data} is smaller than the batch of {batch}")
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=self.prior_loc.device), dim=-1)
 
-    def model(self, x: torch.Tensor | None = None, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
+    def model(
+        self,
+        x: torch.Tensor | None = None,
+        num_data: int | None = None,
+        subsample_size: int | None = None,
+        batch_size: int = 1,
+    ):
         """``p(x, z) = p(z) p(x|z)`` for the batch ``x``, or ``batch_size`` fresh draws when ``x`` is None."""
         self.pyro_module("decoder", self.decoder)
         self.pyro_module("likelihood", self.likelihood)
@@ -352,7 +379,9 @@ class VAE(nn.Module):
             x_obs = x if x is None or subsample_size is None else x.index_select(0, idx)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x_obs)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1):
+    def guide(
+        self, x: torch.Tensor, num_data: int | None = None, subsample_size: int | None = None, batch_size: int = 1
+    ):
         """``q(z|x)`` from the encoder: ``N(z; loc(x), diag(scale(x)^2))``, then the flow for ``"iaf"``."""
         self.pyro_module("encoder", self.encoder)
         self.pyro_module("guide", self.guide_family)

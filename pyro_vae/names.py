@@ -1,5 +1,5 @@
 """The names the library and the command line accept, in one module that imports nothing heavy,
-so that ``pyro-vae --help`` answers without loading torch. """
+so that ``pyro-vae --help`` answers without loading torch."""
 
 from .errors import ConfigError, DataError
 
@@ -17,7 +17,10 @@ DATA_KINDS = {
 LIKELIHOODS = tuple(DATA_KINDS)
 NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
 MAX_MIXTURE_COMPONENTS = 100  # logistics per pixel; PixelCNN++ uses 10, more is a typo rather than a model
-LIKELIHOOD_OPTIONS = {"normal_scale": "normal", "mixture_components": "discretized_logistic_mixture"}  # setting -> the one likelihood that reads it
+LIKELIHOOD_OPTIONS = {
+    "normal_scale": "normal",
+    "mixture_components": "discretized_logistic_mixture",
+}  # setting -> the one likelihood that reads it
 PRIORS = ("standard", "vamp")  # p(z): N(0, I), or the VampPrior (pyro_vae.priors)
 GUIDES = ("gaussian", "iaf")  # q(z|x): a diagonal Gaussian, or one followed by an inverse autoregressive flow
 DEFAULT_PSEUDO_INPUTS, DEFAULT_FLOW_STEPS = 500, 2
@@ -57,7 +60,11 @@ def check_binarization(likelihood: str, binarization: str) -> None:
             "continuous_bernoulli, normal or a discretized likelihood"
         )
     if kind == "8bit" and binarization != "none":
-        what = "dequantize is for density likelihoods" if binarization == "dequantize" else "binarized pixels are not 8-bit images; the bernoulli likelihood models them"
+        what = (
+            "dequantize is for density likelihoods"
+            if binarization == "dequantize"
+            else "binarized pixels are not 8-bit images; the bernoulli likelihood models them"
+        )
         raise DataError(f"the {likelihood} likelihood scores the 8-bit levels themselves; use --binarize none ({what})")
 
 

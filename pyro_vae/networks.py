@@ -121,8 +121,15 @@ class ConvEncoder(nn.Module):
     """``x (..., C, H, W) -> loc, scale (..., z_dim)`` [``, context``]: stride-2 convolutions (see
     :func:`conv_halvings`), then dense layers."""
 
-    def __init__(self, z_dim: int, hidden: int = 256, activation: str = "relu", channels: int = 32,
-                 image_shape: Sequence[int] = IMAGE_SHAPE, context_dim: int = 0):
+    def __init__(
+        self,
+        z_dim: int,
+        hidden: int = 256,
+        activation: str = "relu",
+        channels: int = 32,
+        image_shape: Sequence[int] = IMAGE_SHAPE,
+        context_dim: int = 0,
+    ):
         super().__init__()
         self.z_dim = z_dim
         halvings = conv_halvings(image_shape)
@@ -146,8 +153,15 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """``z (..., z_dim) -> params (..., out_channels, H, W)``: the mirror image of ConvEncoder."""
 
-    def __init__(self, z_dim: int, out_channels: int, hidden: int = 256, activation: str = "relu", channels: int = 32,
-                 image_size: Sequence[int] = IMAGE_SHAPE[1:]):
+    def __init__(
+        self,
+        z_dim: int,
+        out_channels: int,
+        hidden: int = 256,
+        activation: str = "relu",
+        channels: int = 32,
+        image_size: Sequence[int] = IMAGE_SHAPE[1:],
+    ):
         super().__init__()
         halvings = conv_halvings((out_channels, *image_size))
         widths = [channels * 2**i for i in reversed(range(halvings))]

@@ -37,7 +37,9 @@ def reparameterized_normal(msg: dict) -> tuple[torch.distributions.Normal, list]
     if isinstance(fn, _Subsample):
         if fn.subsample_size is None or fn.subsample_size == fn.size:
             return None
-        raise UnsuppliableNoise(f"plate {name!r} subsamples at random; pass the minibatch with num_data instead of subsample_size")
+        raise UnsuppliableNoise(
+            f"plate {name!r} subsamples at random; pass the minibatch with num_data instead of subsample_size"
+        )
     base, transforms = fn, []
     while isinstance(base, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
         if isinstance(base, torch.distributions.TransformedDistribution):
@@ -46,8 +48,16 @@ def reparameterized_normal(msg: dict) -> tuple[torch.distributions.Normal, list]
             transforms = list(base.transforms) + transforms
         base = base.base_dist
     # a Normal whose rsample is torch's loc + eps * scale (pyro.distributions.Normal included)
-    if not isinstance(base, torch.distributions.Normal) or type(base).rsample is not torch.distributions.Normal.rsample or msg["args"] or msg["kwargs"]:
-        raise UnsuppliableNoise(f"sample site {name!r} ({type(fn).__name__}) draws noise that cannot be supplied; only reparameterized Normal sites (and flows of them) can")
+    if (
+        not isinstance(base, torch.distributions.Normal)
+        or type(base).rsample is not torch.distributions.Normal.rsample
+        or msg["args"]
+        or msg["kwargs"]
+    ):
+        raise UnsuppliableNoise(
+            f"sample site {name!r} ({type(fn).__name__}) draws noise that cannot be supplied; only reparameterized "
+            "Normal sites (and flows of them) can"
+        )
     return base, transforms
 
 
@@ -88,7 +98,13 @@ class SuppliedNoise(Messenger):
     only tensors param sites may return (others raise :class:`UnsuppliableNoise`).
     """
 
-    def __init__(self, eps: list[torch.Tensor] | None = None, rows: tuple[int, int, int] | None = None, plate: str = "data", allowed_params: set[int] | None = None):
+    def __init__(
+        self,
+        eps: list[torch.Tensor] | None = None,
+        rows: tuple[int, int, int] | None = None,
+        plate: str = "data",
+        allowed_params: set[int] | None = None,
+    ):
         super().__init__()
         self.eps, self.rows, self.plate, self.allowed_params = eps, rows, plate, allowed_params
         self.used = 0
@@ -119,7 +135,9 @@ class SuppliedNoise(Messenger):
                 raise UnsuppliableNoise(f"sample site {msg['name']!r} is a random site the recording run did not have")
             eps = self.eps[self.used]
             if tuple(eps.shape) != shape:
-                raise UnsuppliableNoise(f"sample site {msg['name']!r} has shape {shape} now, {tuple(eps.shape)} in the recording run")
+                raise UnsuppliableNoise(
+                    f"sample site {msg['name']!r} has shape {shape} now, {tuple(eps.shape)} in the recording run"
+                )
         self.used += 1
         value = base.loc + eps * base.scale
         for transform in transforms:  # as TransformedDistribution.rsample applies them
@@ -133,14 +151,21 @@ class SuppliedNoise(Messenger):
         start, stop, global_size = self.rows
         frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
         if frame is None:
-            raise UnsuppliableNoise(f"sample site {msg['name']!r} is outside the {self.plate!r} plate, so it has no rows to share out")
+            raise UnsuppliableNoise(
+                f"sample site {msg['name']!r} is outside the {self.plate!r} plate, so it has no rows to share out"
+            )
         dim = len(msg["fn"].batch_shape) + frame.dim
         if shape[dim] != stop - start:
-            raise UnsuppliableNoise(f"sample site {msg['name']!r} has {shape[dim]} rows in plate {self.plate!r}, this process holds {stop - start}")
+            raise UnsuppliableNoise(
+                f"sample site {msg['name']!r} has {shape[dim]} rows in plate {self.plate!r}, this process holds "
+                f"{stop - start}"
+            )
         full = shape[:dim] + (global_size,) + shape[dim + 1 :]
         return NoiseSpec(msg["name"], full, base.loc.dtype, base.loc.device, dim, start, stop - start)
 
     def _pyro_post_param(self, msg) -> None:
         self.sites.append(("param", msg["name"]))
         if self.allowed_params is not None and id(msg["value"]) not in self.allowed_params:
-            raise UnsuppliableNoise(f"param site {msg['name']!r} is not a parameter of the VAE module; its gradient would be lost")
+            raise UnsuppliableNoise(
+                f"param site {msg['name']!r} is not a parameter of the VAE module; its gradient would be lost"
+            )

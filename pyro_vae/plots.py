@@ -89,7 +89,11 @@ def _tile(images, ncol, pad=_PAD):
     (torchvision's ``make_grid``, without its outer border)."""
     from .runtime import load_torchvision
 
-    grid = load_torchvision().utils.make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=pad, pad_value=_PAD_VALUE)[0].numpy()
+    grid = (
+        load_torchvision()
+        .utils.make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=pad, pad_value=_PAD_VALUE)[0]
+        .numpy()
+    )
     return grid[pad : grid.shape[0] - pad, pad : grid.shape[1] - pad] if pad else grid
 
 
@@ -167,9 +171,7 @@ def plot_reconstructions(originals, reconstructions, path, ncol=8):
         [np.concatenate([originals, blank]), np.concatenate([reconstructions, blank])]
     )  # (2, pairs * ncol, h, w)
     interleaved = rows.reshape(2, pairs, ncol, h, w).transpose(1, 0, 2, 3, 4).reshape(-1, h, w)
-    fig = _grid_figure(
-        _tile(interleaved, ncol), ncol, "test images (top) and reconstructions (bottom)"
-    )
+    fig = _grid_figure(_tile(interleaved, ncol), ncol, "test images (top) and reconstructions (bottom)")
     return _save(fig, path)
 
 
@@ -237,8 +239,14 @@ def plot_latent_scatter(z, labels, path, class_names=None):
     ax = fig.add_subplot()
     ax.scatter(z[:, 0], z[:, 1], c=cmap(labels % cmap.N), s=4, alpha=0.6, linewidths=0)
     handles = [
-        Line2D([], [], linestyle="", marker="o", color=cmap(k % cmap.N),
-               label=str(k) if class_names is None else class_names[k])
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            color=cmap(k % cmap.N),
+            label=str(k) if class_names is None else class_names[k],
+        )
         for k in classes
     ]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -259,7 +267,9 @@ def draw_run_figures(vae, test_batches, metrics, folder, dataset: str, seed: int
     x, _ = next(test_batches.eval_batches())
     plot_reconstructions(x[:32].cpu(), vae.reconstruct(x[:32]).cpu(), folder / "reconstructions.png")
     with seeded(vae.prior_loc.device, seed):
-        plot_image_grid(vae.generate(64).cpu(), folder / "samples.png", title="samples from the prior: mean of p(x|z), z ~ p(z)")
+        plot_image_grid(
+            vae.generate(64).cpu(), folder / "samples.png", title="samples from the prior: mean of p(x|z), z ~ p(z)"
+        )
     if vae.z_dim == 2:
         decode = lambda z: vae.likelihood(vae.decoder(z.to(vae.prior_loc))).mean.reshape(z.shape[0], -1).cpu()
         plot_latent_manifold(decode, folder / "manifold.png")

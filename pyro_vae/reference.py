@@ -77,7 +77,9 @@ def reference_log_likelihood(likelihood, params: torch.Tensor, x: torch.Tensor) 
         else:
             c = components
             logits = torch.stack(blocks[:c], -1).double().log_softmax(-1)
-            masses = torch.stack([_discretized_log_mass(cdf, x, blocks[c + i], blocks[2 * c + i]) for i in range(c)], -1)
+            masses = torch.stack(
+                [_discretized_log_mass(cdf, x, blocks[c + i], blocks[2 * c + i]) for i in range(c)], -1
+            )
             per_pixel = torch.logsumexp(logits + masses, -1).to(x.dtype)
     else:
         raise TypeError(f"no reference formula for {kind}")

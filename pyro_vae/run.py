@@ -32,12 +32,22 @@ from .errors import ConfigError, DataError
 from .model import VAE, build_vae
 from .runtime import resolve_device
 
+
 def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device: torch.device) -> DeviceBatches:
     """The ``"train"`` or ``"test"`` split as the run sees it: its size limit, batch size,
     binarization, seed and image layout (the train split shuffled)."""
     limit = config.max_train if split == "train" else config.max_test
     images, labels = getattr(dataset, f"{split}_images")[:limit], getattr(dataset, f"{split}_labels")[:limit]
-    return DeviceBatches(images, labels, config.batch_size, binarization=config.binarize, seed=config.seed, shuffle=split == "train", flatten=config.architecture == "mlp", device=device)
+    return DeviceBatches(
+        images,
+        labels,
+        config.batch_size,
+        binarization=config.binarize,
+        seed=config.seed,
+        shuffle=split == "train",
+        flatten=config.architecture == "mlp",
+        device=device,
+    )
 
 
 def data_identity(dataset: ImageDataset) -> dict[str, str]:
@@ -50,7 +60,8 @@ def check_same_data(run_path: Path, saved: dict[str, Any], found: dict[str, str]
     if saved.get("fingerprint") == found["fingerprint"] or allow_different_data:
         return
     raise DataError(
-        f"{run_path} was trained on other data ({saved.get('source')}, fingerprint {saved.get('fingerprint')}) than what was "
+        f"{run_path} was trained on other data ({saved.get('source')}, fingerprint {saved.get('fingerprint')}) than "
+        "what was "
         f"found now ({found['source']}, fingerprint {found['fingerprint']}); pass --data-dir with the run's data, or "
         "--allow-different-data to use these"
     )
@@ -70,8 +81,18 @@ class RunFolder:
     CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", ".lock"
     # what training (its figures: pyro_vae.plots.draw_run_figures) and evaluate write here, and temporary files
     OWN_FILES = (
-        CONFIG, METRICS, CHECKPOINT, LOCK, ".*.tmp", "evaluation*.json", "inference_data*.nc",
-        "elbo.png", "reconstructions.png", "samples.png", "manifold.png", "latent_scatter.png",
+        CONFIG,
+        METRICS,
+        CHECKPOINT,
+        LOCK,
+        ".*.tmp",
+        "evaluation*.json",
+        "inference_data*.nc",
+        "elbo.png",
+        "reconstructions.png",
+        "samples.png",
+        "manifold.png",
+        "latent_scatter.png",
     )
 
     def __init__(self, path: str | os.PathLike):
@@ -98,14 +119,22 @@ class RunFolder:
             fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise ConfigError(f"cannot {doing} in {self.path}: its {self.LOCK} is a symbolic link, which pyro-vae never follows; remove it and try again") from e
-            raise ConfigError(f"cannot {doing} in {self.path}: {e.strerror or e}; choose a folder you can write to") from e
+                raise ConfigError(
+                    f"cannot {doing} in {self.path}: its {self.LOCK} is a symbolic link, which pyro-vae never "
+                    "follows; remove it and try again"
+                ) from e
+            raise ConfigError(
+                f"cannot {doing} in {self.path}: {e.strerror or e}; choose a folder you can write to"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ConfigError(f"run folder {self.path} is in use by {_holder(self.path / self.LOCK)}; wait for it to finish or stop it, then try again") from e
+                raise ConfigError(
+                    f"run folder {self.path} is in use by {_holder(self.path / self.LOCK)}; wait for it to finish or "
+                    "stop it, then try again"
+                ) from e
             raise
         try:
             os.ftruncate(fd, 0)
@@ -209,10 +238,15 @@ class RunFolder:
         if not self.checkpoint_path.is_file():
             training = self.in_use_by()
             if (self.path / self.CONFIG).exists() and training:
-                raise ConfigError(f"{self.path} has no checkpoint yet: its run is in progress, in its first epoch "
-                                  f"({training} is training it); try again once that epoch has ended")
+                raise ConfigError(
+                    f"{self.path} has no checkpoint yet: its run is in progress, in its first epoch "
+                    f"({training} is training it); try again once that epoch has ended"
+                )
             if (self.path / self.CONFIG).exists():
-                raise ConfigError(f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it again without --resume")
+                raise ConfigError(
+                    f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it "
+                    "again without --resume"
+                )
             raise ConfigError(f"{self.path} holds no {self.CHECKPOINT}; pass the folder a 'pyro-vae train' run wrote")
         state = load_checkpoint(self.checkpoint_path)
         check_state(state, self.checkpoint_path)
@@ -297,18 +331,39 @@ def check_state(state: Any, path: Path) -> None:
         raise ConfigError(f"{path} is not a pyro-vae checkpoint (it holds a {type(state).__name__}, not a mapping)")
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind):
-            raise ConfigError(f"{path} is not a complete pyro-vae checkpoint ({key!r} missing or not a {kind.__name__}); the run folder is damaged: train again")
-    if not all(isinstance(t, torch.Tensor) and torch.isfinite(t).all() for t in state["model"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()):
-        raise ConfigError(f"{path} holds non-finite model weights; the run diverged or the file is damaged: train again with a lower --lr")
+            raise ConfigError(
+                f"{path} is not a complete pyro-vae checkpoint ({key!r} missing or not a {kind.__name__}); the run "
+                "folder is damaged: train again"
+            )
+    if not all(
+        isinstance(t, torch.Tensor) and torch.isfinite(t).all()
+        for t in state["model"].values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ):
+        raise ConfigError(
+            f"{path} holds non-finite model weights; the run diverged or the file is damaged: train again with a "
+            "lower --lr"
+        )
     rng = state["rng"].get("torch")
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         raise ConfigError(f"{path} has no saved random-number state; the run folder is damaged: train again")
-    if "cuda" in state["rng"] and not (isinstance(state["rng"]["cuda"], (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in state["rng"]["cuda"])):
+    if "cuda" in state["rng"] and not (
+        isinstance(state["rng"]["cuda"], (list, tuple))
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in state["rng"]["cuda"])
+    ):
         raise ConfigError(f"{path} has a damaged GPU random-number state; the run folder is damaged: train again")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for i, row in enumerate(state["metrics"]):
-        if not (isinstance(row, dict) and row.get("epoch") == i + 1 and number(row.get("train_elbo")) and number(row.get("test_elbo"))):
-            raise ConfigError(f"{path} has damaged metrics (entry {i + 1} is not epoch {i + 1}'s record); the run folder is damaged: train again")
+        if not (
+            isinstance(row, dict)
+            and row.get("epoch") == i + 1
+            and number(row.get("train_elbo"))
+            and number(row.get("test_elbo"))
+        ):
+            raise ConfigError(
+                f"{path} has damaged metrics (entry {i + 1} is not epoch {i + 1}'s record); the run folder is "
+                "damaged: train again"
+            )
 
 
 @dataclasses.dataclass
@@ -358,12 +413,18 @@ def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
         vae.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         detail = " ".join(str(e).split()).replace("Error(s) in loading state_dict for VAE: ", "")
-        raise ConfigError(f"{source} holds weights that do not fit its own configuration ({detail[:300]}); the run folder is damaged: train again") from e
+        raise ConfigError(
+            f"{source} holds weights that do not fit its own configuration ({detail[:300]}); the run folder is "
+            "damaged: train again"
+        ) from e
     with torch.no_grad():  # finite weights can still overflow: refuse a model that cannot score an image
         encoded = vae.encoder(vae.prior_loc.new_full((1, *vae.x_shape), 0.5))
         outputs = (*encoded, vae.decoder(encoded[0]))
     if not all(torch.isfinite(t).all() for t in outputs):
-        raise ConfigError(f"{source} holds weights whose outputs are not finite; the run diverged or the file is damaged: train again with a lower --lr")
+        raise ConfigError(
+            f"{source} holds weights whose outputs are not finite; the run diverged or the file is damaged: train "
+            "again with a lower --lr"
+        )
     return vae
 
 
@@ -382,7 +443,10 @@ def check_optimizer(vae: VAE, saved: dict[str, Any], source: Path) -> None:
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
                     raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        raise ConfigError(f"{source} holds an optimizer state that does not fit its model ({' '.join(str(e).split())[:200]}); the run folder is damaged: train again") from e
+        raise ConfigError(
+            f"{source} holds an optimizer state that does not fit its model ({' '.join(str(e).split())[:200]}); the "
+            "run folder is damaged: train again"
+        ) from e
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> SavedRun:

@@ -85,7 +85,10 @@ def traceable_pyro():
     binding is replaced: ``torch_item`` returns ``x.detach()`` (the same value, as a tensor) and
     ``warn_if_nan`` its argument. Not safe for other threads running Pyro at the same moment.
     """
-    originals = {"torch_item": (pyro.infer.util.torch_item, _item_as_tensor), "warn_if_nan": (pyro.util.warn_if_nan, _no_nan_check)}
+    originals = {
+        "torch_item": (pyro.infer.util.torch_item, _item_as_tensor),
+        "warn_if_nan": (pyro.util.warn_if_nan, _no_nan_check),
+    }
     with _PATCH_LOCK:
         replaced = []
         try:
@@ -147,7 +150,14 @@ class TrainingStep:
     otherwise); :meth:`describe` says both in words.
     """
 
-    def __init__(self, vae: nn.Module, elbo: ELBO | str = "meanfield", num_particles: int = 1, mode: str = "traced", max_graphs: int = 8):
+    def __init__(
+        self,
+        vae: nn.Module,
+        elbo: ELBO | str = "meanfield",
+        num_particles: int = 1,
+        mode: str = "traced",
+        max_graphs: int = 8,
+    ):
         if mode not in STEP_MODES:
             raise ConfigError(f"unknown step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
         self.vae = vae
@@ -186,15 +196,26 @@ class TrainingStep:
         modules = tuple(vae.modules())
         tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
         return (
-            tuple(x.shape), x.dtype, x.device, x.stride(), rows,
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            x.stride(),
+            rows,
             tuple(map(id, modules)),
             tuple((id(t), t.dtype, t.device, t.shape, t.stride(), t.requires_grad) for t in tensors),
-            getattr(vae.model, "__func__", vae.model), getattr(vae.guide, "__func__", vae.guide),
-            type(elbo), elbo.num_particles, elbo.vectorize_particles, elbo.max_plate_nesting,
-            vae.training, torch.get_num_threads(),
+            getattr(vae.model, "__func__", vae.model),
+            getattr(vae.guide, "__func__", vae.guide),
+            type(elbo),
+            elbo.num_particles,
+            elbo.vectorize_particles,
+            elbo.max_plate_nesting,
+            vae.training,
+            torch.get_num_threads(),
         )
 
-    def __call__(self, x: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """``-ELBO_beta`` of ``x`` (or of ``x[start:stop]`` for ``rows=(start, stop)``), gradients into ``.grad``."""
         check_kl_weight(kl_weight)
         sliced = None if rows is None or (rows[0], rows[1]) == (0, x.shape[0]) else (rows[0], rows[1], x.shape[0])
@@ -234,7 +255,9 @@ class TrainingStep:
     def _run(self, graph: _Graph, x, kl_weight) -> torch.Tensor:
         noise = [spec.draw() for spec in graph.noise]  # the draws eager Normal.rsample makes
         with torch.no_grad():
-            loss, *grads = graph.run(*graph.params, *graph.buffers, x, *noise, self._weight_tensor(kl_weight, x.dtype, x.device))
+            loss, *grads = graph.run(
+                *graph.params, *graph.buffers, x, *noise, self._weight_tensor(kl_weight, x.dtype, x.device)
+            )
             storages = set()
             for p, g in zip(graph.grad_params, grads):
                 if p.grad is not None:
@@ -302,23 +325,45 @@ class TrainingStep:
         with preserved_rng(x.device):  # example inputs only: the RNG is left as it was
             noise = [spec.draw() for spec in recorder.specs]
         with traceable_pyro():
-            gm = make_fx(step)(*params, *buffers, x, *noise, torch.tensor(float(kl_weight), dtype=x.dtype, device=x.device))
+            gm = make_fx(step)(
+                *params, *buffers, x, *noise, torch.tensor(float(kl_weight), dtype=x.dtype, device=x.device)
+            )
         if traced_sites != recorder.sites:
-            raise UnsuppliableNoise("the Pyro program visited different sites in two consecutive runs; its structure is not fixed")
+            raise UnsuppliableNoise(
+                "the Pyro program visited different sites in two consecutive runs; its structure is not fixed"
+            )
         constants = [(n, getattr(gm, n)) for n in dir(gm) if n.startswith("_tensor_constant")]
         for name, value in list(gm.named_buffers()) + list(gm.named_parameters()) + constants:
             if isinstance(value, torch.Tensor) and value.requires_grad:
-                raise UnsuppliableNoise(f"the traced graph holds a trainable tensor it does not take as input ({name}); its gradient would be lost")
+                raise UnsuppliableNoise(
+                    f"the traced graph holds a trainable tensor it does not take as input ({name}); its gradient "
+                    "would be lost"
+                )
         gm.graph.eliminate_dead_code()
         gm.recompile()
         grad_params = [p for p, used in zip(params, grad_mask) if used]
-        return _Graph(gm, tuple(self.vae.modules()), params, buffers, recorder.specs, grad_params, "traced", time.perf_counter() - start)
+        return _Graph(
+            gm,
+            tuple(self.vae.modules()),
+            params,
+            buffers,
+            recorder.specs,
+            grad_params,
+            "traced",
+            time.perf_counter() - start,
+        )
 
     def _compile(self, graph: _Graph, x, kl_weight) -> None:
         """Compile the traced graph (an inference graph: its backward is already in it)."""
         start = time.perf_counter()
         with preserved_rng(x.device), torch.no_grad():
-            example = [*graph.params, *graph.buffers, x, *(spec.draw() for spec in graph.noise), self._weight_tensor(kl_weight, x.dtype, x.device)]
+            example = [
+                *graph.params,
+                *graph.buffers,
+                x,
+                *(spec.draw() for spec in graph.noise),
+                self._weight_tensor(kl_weight, x.dtype, x.device),
+            ]
             compiled = inductor_compile(graph.run, example)
             compiled(*example)  # the first call loads the kernels
         graph.run, graph.mode = compiled, "inductor"

@@ -63,9 +63,22 @@ class Trainer:
     released whatever happens. A constructor that fails has released it already.
     """
 
-    def __init__(self, config: TrainConfig | None, run_dir: str | Path, resume: bool = False, progress: bool = True, *, changes: dict[str, Any] | None = None, parallel: distributed.Distributed | distributed.SingleProcess | None = None, allow_different_data: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig | None,
+        run_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        *,
+        changes: dict[str, Any] | None = None,
+        parallel: distributed.Distributed | distributed.SingleProcess | None = None,
+        allow_different_data: bool = False,
+    ):
         if parallel is None and launched():
-            raise ConfigError("this process is one rank of a torchrun job: train with pyro_vae.train.train, or pass parallel= from pyro_vae.distributed.job()")
+            raise ConfigError(
+                "this process is one rank of a torchrun job: train with pyro_vae.train.train, or pass parallel= from "
+                "pyro_vae.distributed.job()"
+            )
         self.parallel = parallel or distributed.SingleProcess()
         self.folder = RunFolder(run_dir)
         self._held = contextlib.ExitStack()
@@ -74,10 +87,14 @@ class Trainer:
                 if self.parallel.is_main:
                     self._held.enter_context(self.folder.locked("train"))
                 self._setup(config, resume, changes or {}, progress, allow_different_data)
-            if self.parallel.is_main and not resume:  # a resumed run's config.json changes with its first new checkpoint
+            if (
+                self.parallel.is_main and not resume
+            ):  # a resumed run's config.json changes with its first new checkpoint
                 self.folder.write_config(self.config)
         except BaseException as e:
-            self._held.__exit__(type(e), e, e.__traceback__)  # the lock's cleanup sees the failure: a folder made for nothing goes
+            self._held.__exit__(
+                type(e), e, e.__traceback__
+            )  # the lock's cleanup sees the failure: a folder made for nothing goes
             raise
 
     def __enter__(self) -> "Trainer":
@@ -86,7 +103,14 @@ class Trainer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _setup(self, config: TrainConfig | None, resume: bool, changes: dict[str, Any], progress: bool, allow_different_data: bool) -> None:
+    def _setup(
+        self,
+        config: TrainConfig | None,
+        resume: bool,
+        changes: dict[str, Any],
+        progress: bool,
+        allow_different_data: bool,
+    ) -> None:
         state = saved_vae = None
         if resume:
             state, saved_config, saved_vae = self.folder.load_checked()  # the one load of the checkpoint
@@ -103,18 +127,27 @@ class Trainer:
         config.validate()
         self.config, self.progress = config, progress and self.parallel.is_main
         if not resume and not self.folder.is_fresh_for(config):
-            raise ConfigError(f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or choose another --run-dir")
+            raise ConfigError(
+                f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or "
+                "choose another --run-dir"
+            )
         load_torchvision()  # it draws every epoch's figures: refused now rather than after the first epoch
         self.device = self.parallel.device(config.device)
+        flags = "--hidden, --z-dim, --num-particles or --batch-size"
+        planned = None
         if saved_vae is None:
-            with torch.device("meta"):  # the model's own checks and its size, nothing allocated yet
-                planned = build_vae(config)
+            try:
+                with torch.device("meta"):  # the model's own checks and its size, nothing allocated yet
+                    planned = build_vae(config)
+            except (RuntimeError, NotImplementedError):  # a part that reads values as it is built (Pyro's IAF masks)
+                planned = None
+        if planned is not None:
             # the parameters, their gradients and Adam's two moments: four copies, none allocated yet
-            check_step_memory(planned, config.num_particles, config.batch_size, self.device, "--hidden, --z-dim, --num-particles or --batch-size", parameter_copies=4)
+            check_step_memory(planned, config.num_particles, config.batch_size, self.device, flags, parameter_copies=4)
         torch.manual_seed(config.seed)
         self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
-        if saved_vae is not None:
-            check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, "--num-particles or --batch-size")
+        if planned is None:  # built for real: its values are allocated, Adam's two moments and the gradients not yet
+            check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, flags, parameter_copies=3)
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download)
         self.data = data_identity(self.dataset)
         if state is not None:
@@ -122,7 +155,9 @@ class Trainer:
         self.train_batches = split_batches(config, self.dataset, "train", self.device)
         self.test_batches = split_batches(config, self.dataset, "test", self.device)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
-        self.step = TrainingStep(self.vae, make_elbo(config.estimator, config.num_particles, vectorize_particles=True), mode=config.step)
+        self.step = TrainingStep(
+            self.vae, make_elbo(config.estimator, config.num_particles, vectorize_particles=True), mode=config.step
+        )
         self.metrics: list[dict[str, Any]] = []
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -133,7 +168,9 @@ class Trainer:
         self.bad_in_a_row = 0
         self.step_announced = False
 
-    def _resumed_config(self, saved: TrainConfig, config: TrainConfig | None, changes: dict[str, Any], done: int) -> TrainConfig:
+    def _resumed_config(
+        self, saved: TrainConfig, config: TrainConfig | None, changes: dict[str, Any], done: int
+    ) -> TrainConfig:
         """The configuration to resume with: ``config``, or the saved one with ``changes``; refused
         if it differs from the checkpoint's in a field that defines the model, or asks for fewer
         epochs than the run has done."""
@@ -144,9 +181,15 @@ class Trainer:
         changed = {k: (before[k], v) for k, v in config.identity().items() if before.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
-            raise ConfigError(f"cannot resume {self.folder.path}: its checkpoint was trained with a different configuration ({detail})")
+            raise ConfigError(
+                f"cannot resume {self.folder.path}: its checkpoint was trained with a different configuration "
+                f"({detail})"
+            )
         if config.epochs < done:
-            raise ConfigError(f"cannot resume {self.folder.path} to {config.epochs} epochs: it has trained {done} already; pass --epochs above {done} to train more")
+            raise ConfigError(
+                f"cannot resume {self.folder.path} to {config.epochs} epochs: it has trained {done} already; pass "
+                f"--epochs above {done} to train more"
+            )
         return config
 
     @property
@@ -206,7 +249,13 @@ class Trainer:
         self.vae.train()
         total, objective = torch.zeros((), device=self.device), torch.zeros((), device=self.device)  # -ELBO, -ELBO_beta
         count, skipped, weight, weighted = 0, 0, 1.0, False
-        bar = tqdm(self.train_batches.epoch(epoch), total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True, leave=False)
+        bar = tqdm(
+            self.train_batches.epoch(epoch),
+            total=len(self.train_batches),
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            disable=None if self.progress else True,
+            leave=False,
+        )
         for step, (x, _) in enumerate(bar):
             weight = self.kl_weight(epoch, step)
             gap = self.objective_gap(x, weight) if weight != 1 else None  # before the step changes the parameters
@@ -217,7 +266,10 @@ class Trainer:
             if loss is None:
                 skipped, self.bad_in_a_row = skipped + 1, self.bad_in_a_row + 1
                 if self.bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
-                    raise self.diverged(f"{self.bad_in_a_row} training steps in a row gave a non-finite loss or gradient (epoch {epoch + 1}, step {step + 1})")
+                    raise self.diverged(
+                        f"{self.bad_in_a_row} training steps in a row gave a non-finite loss or gradient (epoch "
+                        f"{epoch + 1}, step {step + 1})"
+                    )
                 continue
             self.bad_in_a_row = 0
             objective += loss
@@ -230,15 +282,32 @@ class Trainer:
             raise self.diverged(f"no training step of epoch {epoch + 1} gave a finite loss and gradient")
         weighted_objective = {"train_objective": -(objective / count).item()} if weighted else {}
         elbo = -(total / count).item()
-        return {"train_elbo": elbo, **weighted_objective, "skipped_steps": skipped, "kl_weight": weight, "step": self.step.describe()}
+        return {
+            "train_elbo": elbo,
+            **weighted_objective,
+            "skipped_steps": skipped,
+            "kl_weight": weight,
+            "step": self.step.describe(),
+        }
 
     def diverged(self, what: str) -> NumericalError:
-        last = f"the last good checkpoint is {self.folder.checkpoint_path}" if self.folder.checkpoint_path.exists() else "no checkpoint was written"
+        last = (
+            f"the last good checkpoint is {self.folder.checkpoint_path}"
+            if self.folder.checkpoint_path.exists()
+            else "no checkpoint was written"
+        )
         scale = ""
         if self.config.likelihood == "normal":
             learned = isinstance(self.config.normal_scale, str)
-            scale = ", or a fixed --normal-scale" if learned else f", or a larger --normal-scale (now {self.config.normal_scale:g})"
-        return NumericalError(f"{what}: the optimization diverged; {last}. Try a lower --lr (now {self.config.lr:g}) or a larger --batch-size{scale}")
+            scale = (
+                ", or a fixed --normal-scale"
+                if learned
+                else f", or a larger --normal-scale (now {self.config.normal_scale:g})"
+            )
+        return NumericalError(
+            f"{what}: the optimization diverged; {last}. Try a lower --lr (now {self.config.lr:g}) or a larger "
+            f"--batch-size{scale}"
+        )
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done (a resumed run starts after its last)."""
@@ -258,7 +327,11 @@ class Trainer:
                     if "train_objective" in row:
                         weighted = row["train_objective"]
                         annealed = f"  (KL-weighted objective {weighted:.2f}, KL weight {row['kl_weight']:.3g})"
-                    print(f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO {row['test_elbo']:9.2f} nats/image{annealed}", flush=True)
+                    print(
+                        f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO "
+                        f"{row['test_elbo']:9.2f} nats/image{annealed}",
+                        flush=True,
+                    )
             return self.metrics
         except DistributedError as e:
             raise self.parallel.explain_failure(e, self.folder.checkpoint_path) from e
@@ -269,7 +342,11 @@ class Trainer:
         """:func:`~pyro_vae.evaluate.mean_elbo` of the test split, computed on the main process and shared."""
         self.vae.eval()
         with pyro.validation_enabled(False):  # a diverged model gives NaN here, which run() reports
-            value = mean_elbo(self.vae, self.test_batches.eval_batches(), self.config.seed) if self.parallel.is_main else math.nan
+            value = (
+                mean_elbo(self.vae, self.test_batches.eval_batches(), self.config.seed)
+                if self.parallel.is_main
+                else math.nan
+            )
         return self.parallel.share(value, self.device, "share the test ELBO")
 
     def save(self) -> None:
@@ -278,7 +355,14 @@ class Trainer:
             return
         from .plots import draw_run_figures
 
-        state = {"config": self.config.to_dict(), "model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "metrics": self.metrics, "data": self.data}
+        state = {
+            "config": self.config.to_dict(),
+            "model": self.vae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "metrics": self.metrics,
+            "data": self.data,
+        }
         self.parallel.save_device_rng(state["rng"], self.device)
         self.folder.save_state(state)
         self.folder.write_config(self.config)
@@ -291,9 +375,21 @@ class Trainer:
         self._held.close()
 
 
-def train(config: TrainConfig | None, run_dir: str | Path, resume: bool = False, progress: bool = True, *, backend: str = "auto", dist_timeout: float | None = None, **kwargs) -> list[dict[str, Any]]:
+def train(
+    config: TrainConfig | None,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    backend: str = "auto",
+    dist_timeout: float | None = None,
+    **kwargs,
+) -> list[dict[str, Any]]:
     """Train (or resume) a run in ``run_dir``; returns the per-epoch metrics. ``kwargs`` go to
     :class:`Trainer`. Under ``torchrun`` every rank calls this with the same arguments, and it joins
     the job (``backend``, ``dist_timeout`` in seconds) for the duration."""
-    with distributed.job(backend, dist_timeout) as parallel, Trainer(config, run_dir, resume, progress, parallel=parallel, **kwargs) as trainer:
+    with (
+        distributed.job(backend, dist_timeout) as parallel,
+        Trainer(config, run_dir, resume, progress, parallel=parallel, **kwargs) as trainer,
+    ):
         return trainer.fit()

@@ -13,7 +13,6 @@ import torch
 from torch.distributions import Normal, Pareto, kl_divergence
 
 from pyro_vae import VAE
-from pyro_vae.reference import reference_elbo
 from pyro_vae.diagnostics import (
     active_units,
     elbo_terms,
@@ -21,9 +20,10 @@ from pyro_vae.diagnostics import (
     pareto_k,
     pareto_k_summary,
 )
-from pyro_vae.inference_data import save_inference_data, to_inference_data
 from pyro_vae.errors import DataError
 from pyro_vae.evaluate import importance_log_weights, log_marginal_likelihood
+from pyro_vae.inference_data import save_inference_data, to_inference_data
+from pyro_vae.reference import reference_elbo
 
 from .conftest import binary_batch
 from .test_linear_gaussian import ppca

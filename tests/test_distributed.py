@@ -37,11 +37,10 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae import VAE, make_elbo
+from pyro_vae import VAE, TrainConfig, make_elbo
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.distributed import Distributed
 from pyro_vae.noise import SuppliedNoise, UnsuppliableNoise
-from pyro_vae import TrainConfig
 from pyro_vae.train import Trainer, train
 
 from .idx_files import write_dataset

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pyro_vae import VAE, kl_weighted, make_elbo
-from pyro_vae.reference import reference_elbo
 from pyro_vae.estimators import DataPlateIWELBO
+from pyro_vae.reference import reference_elbo
 
 from .conftest import binary_batch
 

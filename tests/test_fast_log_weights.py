@@ -15,10 +15,9 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyro_vae import VAE, kl_weighted
+from pyro_vae import VAE, fast_log_weights, kl_weighted
 from pyro_vae.estimators import DataPlateIWELBO
 from pyro_vae.evaluate import importance_log_weights
-from pyro_vae import fast_log_weights
 from pyro_vae.fast_log_weights import (
     FastPathWarning,
     bernoulli_linear_log_prob,

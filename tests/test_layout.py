@@ -59,3 +59,13 @@ def test_no_module_level_import_cycle():
     for module in sorted(graph):
         visit(module)
     assert {"config", "names", "errors"} <= done
+
+
+def test_ruff_keeps_the_style():
+    """``ruff check`` (pyproject.toml: line length 120, import order) is clean and the package is
+    formatted as ``ruff format`` leaves it."""
+    pytest.importorskip("ruff")  # the docs extra installs it
+    root = PACKAGE.parent
+    for command in (["check", "."], ["format", "--check", "pyro_vae"]):
+        done = subprocess.run([sys.executable, "-m", "ruff", *command], capture_output=True, text=True, cwd=root, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

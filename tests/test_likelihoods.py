@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pyro_vae import DataError
-from pyro_vae.likelihoods import NormalLikelihood as Normal, make_likelihood
-from pyro_vae.likelihoods import continuous_bernoulli_log_normalizer
+from pyro_vae.likelihoods import NormalLikelihood as Normal
+from pyro_vae.likelihoods import continuous_bernoulli_log_normalizer, make_likelihood
 
 D = 50
 

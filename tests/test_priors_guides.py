@@ -12,8 +12,8 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from pyro_vae import VAE, ConfigError, log_marginal_likelihood, make_elbo
-from pyro_vae.inference_data import to_inference_data
 from pyro_vae.evaluate import importance_log_weights
+from pyro_vae.inference_data import to_inference_data
 from pyro_vae.kl_weight import elbo_loss
 from pyro_vae.networks import positive_scale
 

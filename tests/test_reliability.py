@@ -15,10 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import SVI
 
-from pyro_vae import VAE, ConfigError, DataError, make_elbo
+from pyro_vae import VAE, ConfigError, DataError, NumericalError, TrainConfig, make_elbo
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.cli import main
-from pyro_vae import NumericalError, TrainConfig
 from pyro_vae.train import Trainer
 
 from .idx_files import write_dataset

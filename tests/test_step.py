@@ -17,11 +17,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.step import FallbackWarning, TrainingStep
 from pyro_vae.errors import DataError
 from pyro_vae.estimators import make_elbo
-from pyro_vae.model import VAE
 from pyro_vae.kl_weight import elbo_loss
+from pyro_vae.model import VAE
+from pyro_vae.step import FallbackWarning, TrainingStep
 
 from .conftest import binary_batch, continuous_batch, rng_state
 

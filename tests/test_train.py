@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae import ConfigError
+from pyro_vae import ConfigError, TrainConfig, load_run
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae import TrainConfig, load_run
 from pyro_vae.train import Trainer, train
 
 from .idx_files import write_dataset

@@ -12,7 +12,16 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_vae import VAE, ImportanceSamplingWarning, TrainConfig, evaluate_model, kl_weighted, load_run, log_marginal_likelihood, make_elbo
+from pyro_vae import (
+    VAE,
+    ImportanceSamplingWarning,
+    TrainConfig,
+    evaluate_model,
+    kl_weighted,
+    load_run,
+    log_marginal_likelihood,
+    make_elbo,
+)
 from pyro_vae.cli import main
 from pyro_vae.evaluate import mean_elbo
 from pyro_vae.linear_gaussian import linear_gaussian_exact, linear_gaussian_vae
