@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -296,32 +295,21 @@ def warn_if_config_edited(run, options: str) -> None:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from .diagnostics import K_GOOD, K_OK
-    from .evaluate import MIN_SAMPLES_FOR_K_HAT, evaluate_model, export_inference_data
-    from .inference_data import save_inference_data
-    from .run import load_run, strict_json
+    from .evaluate import MIN_SAMPLES_FOR_K_HAT
+    from .run import load_run
 
     run = load_run(args.run_dir, args.device)
     warn_if_config_edited(run, "--data-dir, --device")
-    with run.folder.locked("evaluate"):
-        test, data = run.test_data(args.data_dir, args.allow_different_data)
-        json_path, idata_path = run.evaluation_paths(data)  # results on other data never replace the run's own
-        result = evaluate_model(
-            run.vae,
-            test,
-            run.config.seed,
-            args.num_samples,
-            args.chunk_size,
-            keep_log_weights=args.idata_points,
-            progress=not args.no_progress,
-        )
-        n_idata = result.log_weights.shape[1]
-        attrs = {f"data_{k}": v for k, v in data.items()}  # the file says which data it describes
-        idata = export_inference_data(run.vae, test, result, args.chunk_size, training_metrics=run.metrics, attrs=attrs)
-        summary = {**result.summary(), "epochs": len(run.metrics), "data": data}
-        text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
-        with run.folder.all_or_none(idata_path.name):  # the two files describe one evaluation: both replaced or neither
-            save_inference_data(idata, idata_path)
-            run.folder.write_text(json_path.name, text)
+    evaluated = run.evaluate(
+        args.data_dir,
+        args.allow_different_data,
+        args.num_samples,
+        args.chunk_size,
+        args.idata_points,
+        not args.no_progress,
+    )
+    result, summary, json_path, idata_path = evaluated
+    n_idata, data = result.log_weights.shape[1], summary["data"]
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(
         f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch "

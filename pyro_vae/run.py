@@ -401,6 +401,53 @@ class SavedRun:
         suffix = "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
         return self.folder / f"evaluation{suffix}.json", self.folder / f"inference_data{suffix}.nc"
 
+    def evaluate(
+        self,
+        data_dir: str | None = None,
+        allow_different_data: bool = False,
+        num_samples: int = 1000,
+        chunk_size: int = 250,
+        idata_points: int = 100,
+        progress: bool = False,
+    ) -> tuple[Any, dict[str, Any], Path, Path]:
+        """:func:`~pyro_vae.evaluate.evaluate_model` of the run on its test split (or on the data in
+        ``data_dir``), written as :func:`evaluation_record` to the JSON file and the ArviZ export of
+        its first ``idata_points`` images to the netCDF file of :meth:`evaluation_paths`, both or
+        neither, with the folder locked; returns the :class:`~pyro_vae.evaluate.Evaluation`, the
+        record written and the two paths. The one writer of ``evaluation*.json``."""
+        from .evaluate import evaluate_model, export_inference_data
+        from .inference_data import save_inference_data
+
+        with self.folder.locked("evaluate"):
+            test, data = self.test_data(data_dir, allow_different_data)
+            json_path, idata_path = self.evaluation_paths(data)  # results on other data never replace the run's own
+            result = evaluate_model(
+                self.vae,
+                test,
+                self.config.seed,
+                num_samples,
+                chunk_size,
+                keep_log_weights=idata_points,
+                progress=progress,
+            )
+            attrs = {f"data_{k}": v for k, v in data.items()}  # the file says which data it describes
+            idata = export_inference_data(
+                self.vae, test, result, chunk_size, training_metrics=self.metrics, attrs=attrs
+            )
+            record = evaluation_record(result.summary(), len(self.metrics), data)
+            text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
+            with self.folder.all_or_none(idata_path.name):  # the two files describe one evaluation
+                save_inference_data(idata, idata_path)
+                self.folder.write_text(json_path.name, text)
+        return result, record, json_path, idata_path
+
+
+def evaluation_record(summary: dict[str, Any], epochs: int, data: dict[str, str]) -> dict[str, Any]:
+    """What ``evaluation*.json`` holds: the evaluation's numbers (``Evaluation.summary``), the epoch
+    of the checkpoint it describes (``epochs``, which :meth:`RunFolder.mark_evaluation_stale` reads,
+    adding ``stale`` once the run trains further) and the data's ``source`` and ``fingerprint``."""
+    return {**summary, "epochs": epochs, "data": data}
+
 
 def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
     """The VAE of ``config`` with ``weights``; :class:`ConfigError` if they do not fit it."""
