@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     from pyro_vae import TrainConfig, distributed
     from pyro_vae.train import Trainer
 
-    config = TrainConfig(batch_size=args.batch_size, max_train=args.batch_size * (args.warmup + args.steps * args.windows), max_test=args.batch_size, device=args.device, data_dir=args.data_dir)
+    config = TrainConfig(batch_size=args.batch_size, max_train=args.batch_size * (args.warmup + args.steps * args.windows), max_test=args.batch_size, device=args.device, data_dir=args.data_dir, step=args.step)
     with distributed.job() as parallel, Trainer(config, args.run_dir, progress=False, parallel=parallel) as trainer:
         _time_steps(trainer, args)
 
@@ -70,7 +70,7 @@ def _time_steps(trainer, args: argparse.Namespace) -> None:
 
 
 def launch(nproc: int, threads: int, args: argparse.Namespace) -> dict:
-    worker_args = ["--worker", "--threads", str(threads), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup), "--device", args.device]
+    worker_args = ["--worker", "--threads", str(threads), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup), "--device", args.device, "--step", args.step]
     if args.data_dir:
         worker_args += ["--data-dir", args.data_dir]
     with tempfile.TemporaryDirectory(prefix="pyro-vae-scaling-") as tmp:
@@ -98,6 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128, help="the global batch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--step", default="traced", choices=("traced", "inductor", "eager"), help="the training step's mode (default traced)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: the usual places)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
