@@ -211,7 +211,8 @@ class Trainer:
         grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
         if weight != 1:  # a process without rows of its own drew the batch's noise and adds nothing
             loss = loss * weight
-            torch._foreach_mul_(grads, weight)
+            for grad in grads:
+                grad.mul_(weight)
         self.parallel.sum_in_place([loss, *grads])  # the global batch's loss and gradient on every process
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), float("inf"))
         if not torch.isfinite(loss + grad_norm):  # NaN or inf in either; one host sync a step
