@@ -49,19 +49,15 @@ GENERATE_CHUNK_SIZE = 256  # draws of z that VAE.generate decodes at a time
 
 
 def _count(name: str, value) -> int:
-    """``value`` as an int if it is a whole number >= 1 (not a bool), else :class:`ConfigError`."""
+    """:func:`~pyro_vae.checks.check_count` (an integer >= 1), also for a one-element integer tensor."""
     if (
-        isinstance(value, bool)
-        or not isinstance(value, (numbers.Integral, torch.Tensor))
-        or (
-            isinstance(value, torch.Tensor)
-            and (value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool)
-        )
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
     ):
-        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-    if int(value) < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1, got {int(value)}")
-    return int(value)
+        value = int(value)
+    return check_count(name, value)
 
 
 def data_shape(x_dim, x_shape, architecture: str, own_networks: bool) -> tuple[int, ...]:
