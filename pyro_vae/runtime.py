@@ -100,8 +100,9 @@ def seeded(device: torch.device, seed: int) -> Iterator[None]:
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block is done, then raise :class:`KeyboardInterrupt`: a save
-    is never cut in half. Outside the main thread, where Python delivers no signal, it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    is never cut in half. Outside the main thread, where Python delivers no signal, and where SIGINT
+    is ignored (a process started in the background by a shell, or under nohup), it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     received = []

@@ -184,3 +184,23 @@ def test_a_run_in_its_first_epoch_is_in_progress_for_evaluate_sample_and_compare
     capsys.readouterr()
     assert main(["evaluate", str(run)]) == 2  # its trainer gone, the run is one that stopped
     assert "the run stopped before its first epoch ended" in capsys.readouterr().err
+
+
+def test_a_deferred_interrupt_comes_after_the_block_and_an_ignored_one_never():
+    """Real SIGINTs to this process: raised once the block is done, not inside it; and where SIGINT
+    is ignored (a background job, nohup) the block leaves it ignored."""
+    from pyro_vae.runtime import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
