@@ -181,11 +181,6 @@ class TrainingStep:
         """Every signature that runs the eager ELBO, with its reason."""
         return {key: g.reason for key, g in self.graphs.items() if isinstance(g, _Fallback)}
 
-    @property
-    def seconds_building(self) -> float:
-        """Seconds spent tracing and compiling, over all graphs built so far."""
-        return sum(g.seconds for g in self.graphs.values() if isinstance(g, _Graph))
-
     def clear(self) -> None:
         """Forget every graph and fallback (after changing the model's code)."""
         self.graphs.clear()
