@@ -1,5 +1,6 @@
 """Where code runs and which random stream it draws from: device resolution and RNG state (and
-:func:`interrupts_deferred`, which keeps Ctrl-C out of a save).
+Ctrl-C: :func:`interrupts_deferred` keeps it out of a save, :class:`InterruptWatch` keeps it from
+being lost).
 
 Training's latent draws come from torch's global generators (CPU and, on a GPU, CUDA). A
 checkpoint keeps their state (:func:`rng_state`), so a resumed run draws exactly what the
@@ -97,12 +98,53 @@ def seeded(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
+def _signals_reach_this_thread() -> bool:
+    """Python runs signal handlers in the main thread only, and a shell starts a background job
+    (or nohup a command) with SIGINT ignored, which must stay ignored."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+class InterruptWatch:
+    """Ctrl-C raises :class:`KeyboardInterrupt` where it lands, as Python's own handler does, and is
+    remembered: where it lands in a weakref callback or a ``__del__`` (torch runs such callbacks
+    inside its steps), Python prints "Exception ignored" and goes on, and the loop would run to its
+    end. A loop that calls :meth:`check` at each step raises it there instead.
+
+    Use it as a context manager around the loop; outside the main thread, and where SIGINT is
+    ignored, it changes nothing and :meth:`check` never raises."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "InterruptWatch":
+        self.received = False
+        if _signals_reach_this_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def check(self) -> None:
+        """Raise :class:`KeyboardInterrupt` if Ctrl-C came since the watch began (the one Python
+        swallowed, or one already raised and caught by code that went on)."""
+        if self.received:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block is done, then raise :class:`KeyboardInterrupt`: a save
     is never cut in half. Outside the main thread, where Python delivers no signal, and where SIGINT
     is ignored (a process started in the background by a shell, or under nohup), it does nothing."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if not _signals_reach_this_thread():
         yield
         return
     received = []

@@ -41,7 +41,7 @@ from .launcher import launched
 from .memory import check_step_memory
 from .model import build_vae
 from .run import RunFolder, check_same_data, data_identity, split_batches
-from .runtime import interrupts_deferred, load_torchvision, preserved_rng, rng_state, set_rng_state
+from .runtime import InterruptWatch, interrupts_deferred, load_torchvision, preserved_rng, rng_state, set_rng_state
 from .step import TrainingStep
 
 # a step whose loss or gradient is not finite is skipped; this many in a row stop the run
@@ -167,6 +167,7 @@ class Trainer:
         self.vae.check_data(next(self.train_batches.epoch(0))[0])  # support, shape, dtype, device: once
         self.bad_in_a_row = 0
         self.step_announced = False
+        self.interrupts = InterruptWatch()  # Ctrl-C ends fit() even where Python swallowed it
 
     def _resumed_config(
         self, saved: TrainConfig, config: TrainConfig | None, changes: dict[str, Any], done: int
@@ -261,6 +262,7 @@ class Trainer:
             weight = self.kl_weight(epoch, step)
             gap = self.objective_gap(x, weight) if weight != 1 else None  # before the step changes the parameters
             loss = self.train_step(x, weight)
+            self.interrupts.check()
             if self.progress and not self.step_announced:
                 print(f"step: {self.step.describe()}", flush=True)
                 self.step_announced = True
@@ -313,31 +315,37 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done (a resumed run starts after its last)."""
         try:
-            for epoch in range(self.epochs_done, self.config.epochs):
-                row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-                row["test_elbo"] = self.test_elbo()
-                if not math.isfinite(row["test_elbo"]):
-                    raise self.diverged(f"the test ELBO after epoch {epoch + 1} is {row['test_elbo']}")
-                self.parallel.check_replicas(self.vae)
-                # the other ranks wait for rank 0's save; Ctrl-C waits for the save's end: the epoch is kept whole
-                with self.parallel.all_or_none("save the checkpoint"), interrupts_deferred():
-                    self.metrics.append(row)
-                    self.save()
-                if self.progress:
-                    annealed = ""
-                    if "train_objective" in row:
-                        weighted = row["train_objective"]
-                        annealed = f"  (KL-weighted objective {weighted:.2f}, KL weight {row['kl_weight']:.3g})"
-                    print(
-                        f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO "
-                        f"{row['test_elbo']:9.2f} nats/image{annealed}",
-                        flush=True,
-                    )
-            return self.metrics
+            with self.interrupts:
+                return self._fit()
         except DistributedError as e:
             raise self.parallel.explain_failure(e, self.folder.checkpoint_path) from e
         finally:
             self.close()
+
+    def _fit(self) -> list[dict[str, Any]]:
+        """The epochs: train, test, then save the epoch whole."""
+        for epoch in range(self.epochs_done, self.config.epochs):
+            row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            row["test_elbo"] = self.test_elbo()
+            self.interrupts.check()
+            if not math.isfinite(row["test_elbo"]):
+                raise self.diverged(f"the test ELBO after epoch {epoch + 1} is {row['test_elbo']}")
+            self.parallel.check_replicas(self.vae)
+            # the other ranks wait for rank 0's save; Ctrl-C waits for the save's end: the epoch is kept whole
+            with self.parallel.all_or_none("save the checkpoint"), interrupts_deferred():
+                self.metrics.append(row)
+                self.save()
+            if self.progress:
+                annealed = ""
+                if "train_objective" in row:
+                    weighted = row["train_objective"]
+                    annealed = f"  (KL-weighted objective {weighted:.2f}, KL weight {row['kl_weight']:.3g})"
+                print(
+                    f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO "
+                    f"{row['test_elbo']:9.2f} nats/image{annealed}",
+                    flush=True,
+                )
+        return self.metrics
 
     def test_elbo(self) -> float:
         """:func:`~pyro_vae.evaluate.mean_elbo` of the test split, computed on the main process and shared."""

@@ -204,3 +204,32 @@ def test_a_deferred_interrupt_comes_after_the_block_and_an_ignored_one_never():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, reported
+def test_an_interrupt_python_swallowed_in_a_weakref_callback_is_raised_at_the_next_check():
+    """A real SIGINT that lands inside a weakref callback: Python prints "Exception ignored" and goes
+    on (CI saw a training run finish with exit status 0 this way); the watch raises it at the next
+    check, and leaves the previous handler in place when the loop ends."""
+    import weakref
+
+    from pyro_vae.runtime import InterruptWatch
+
+    class Node:
+        pass
+
+    def interrupted_in_callback(ref):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered in here, where Python ignores what it raises
+
+    before = signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(KeyboardInterrupt), InterruptWatch() as interrupts:
+        interrupts.check()  # nothing received: no raise
+        node = Node()
+        ref = weakref.ref(node, interrupted_in_callback)
+        del node  # runs the callback, which swallows the KeyboardInterrupt
+        reached.append(ref() is None)
+        interrupts.check()
+        reached.append("after the check")
+    assert reached == [True]
+    assert signal.getsignal(signal.SIGINT) is before
