@@ -101,7 +101,8 @@ def seeded(device: torch.device, seed: int) -> Iterator[None]:
 def _signals_reach_this_thread() -> bool:
     """Python runs signal handlers in the main thread only, and a shell starts a background job
     (or nohup a command) with SIGINT ignored, which must stay ignored."""
-    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    return in_main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
 
 class InterruptWatch:
