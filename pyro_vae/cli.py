@@ -36,9 +36,11 @@ from .names import (
     MAX_MIXTURE_COMPONENTS,
     NORMAL_SCALES,
     PRIORS,
+    SAVED_MODELS,
     STEP_MODES,
     TRAIN_ESTIMATORS,
 )
+from .schedule import DEFAULT_LR_DECAY, LR_SCHEDULES
 
 PIXELS_OF = {"binary": "binarized", "8bit": "8-bit"}  # what bits/dim are counted on, by the likelihood's data kind
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
@@ -171,6 +173,38 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative,
         help="warm the KL weight up from 0 to 1 over this many epochs (default 0: no annealing)",
     )
+    a(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="constant, exponential (times --lr-decay each epoch) or plateau (times --lr-decay after --lr-patience "
+        f"epochs without a better validation ELBO; needs --validation-size) (default {d.lr_schedule})",
+    )
+    a(
+        "--lr-decay",
+        type=_number(float, 1e-6, 1 - 1e-9),
+        help="for --lr-schedule exponential or plateau: the factor in (0, 1) that lowers the rate (default "
+        + ", ".join(f"{factor} for {name}" for name, factor in DEFAULT_LR_DECAY.items())
+        + ")",
+    )
+    a(
+        "--lr-patience",
+        type=positive_int,
+        help=f"for --lr-schedule plateau: epochs without a better validation ELBO before the rate drops "
+        f"(default {d.lr_patience})",
+    )
+    a(
+        "--validation-size",
+        type=_number(int, 0, what="a whole number"),
+        help="hold this many training images out (chosen by --seed) and report their ELBO every epoch; the best "
+        "epoch's model is kept as best.pt and evaluated by default (default 0: none)",
+    )
+    a(
+        "--early-stopping",
+        type=positive_int,
+        metavar="PATIENCE",
+        help="stop once this many epochs in a row have not raised the best validation ELBO; needs "
+        "--validation-size; may change on --resume (default: train all --epochs)",
+    )
     a("--seed", type=seed_int, help=f"seed of data order, binarization and latent draws (default {d.seed})")
     a("--max-train", type=positive_int, help="train on the first N images only (default: all)")
     a("--max-test", type=positive_int, help="evaluate on the first N test images only (default: all)")
@@ -245,6 +279,12 @@ def train_command(args: argparse.Namespace) -> int:
             epochs = trainer.config.epochs
             if args.resume:
                 say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {epochs}", flush=True)
+                if trainer.stopped_early:
+                    say(
+                        f"nothing to train: {stopped_early_line(trainer)}; pass --early-stopping above "
+                        f"{trainer.config.early_stopping} to train on"
+                    )
+                    return 0
                 if trainer.epochs_done == epochs:
                     say(
                         f"nothing to train: the run has all its {epochs} epochs; pass --epochs above {epochs} to "
@@ -275,6 +315,8 @@ def train_command(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                 return 130
+        if trainer.stopped_early:
+            say(stopped_early_line(trainer))
         if metrics:
             last = metrics[-1]
             say(
@@ -283,6 +325,18 @@ def train_command(args: argparse.Namespace) -> int:
             )
         say(f"run folder: {run_dir}")
         return 0
+
+
+def stopped_early_line(trainer) -> str:
+    """What a run that stopped early says: when, why, and which epoch's model it keeps."""
+    from .schedule import best_epoch
+
+    best, patience = best_epoch(trainer.metrics), trainer.config.early_stopping
+    epochs = f"{patience} epoch{'s' * (patience != 1)}"
+    return (
+        f"stopped early after epoch {trainer.epochs_done}: {epochs} without a better validation ELBO than epoch "
+        f"{best}'s ({trainer.metrics[best - 1]['val_elbo']:.2f}), whose model is best.pt"
+    )
 
 
 def warn_if_config_edited(run, options: str) -> None:
@@ -298,7 +352,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from .evaluate import MIN_SAMPLES_FOR_K_HAT
     from .run import load_run
 
-    run = load_run(args.run_dir, args.device)
+    run = load_run(args.run_dir, args.device, args.model)
     warn_if_config_edited(run, "--data-dir, --device")
     evaluated = run.evaluate(
         args.data_dir,
@@ -312,8 +366,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     n_idata, data = result.log_weights.shape[1], summary["data"]
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(
-        f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, model after epoch "
-        f"{len(run.metrics)})"
+        f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, {run.model} model: "
+        f"after epoch {run.model_epoch} of {len(run.metrics)})"
     )
     print(
         f"  one-particle split  reconstruction {result.reconstruction:.2f}, KL {result.kl:.2f} (an independent "
@@ -401,7 +455,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
     RunFolder(args.run_dir).check_output(out)
-    run = load_run(args.run_dir, args.device)
+    run = load_run(args.run_dir, args.device, args.model)
     warn_if_config_edited(run, "--device")
     check_step_memory(run.vae, 1, min(args.num, GENERATE_CHUNK_SIZE), run.vae.prior_loc.device, "--num", training=False)
     torch.manual_seed(args.seed)
@@ -412,6 +466,16 @@ def sample_command(args: argparse.Namespace) -> int:
         plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ p(z)")
     print(f"written: {out}")
     return 0
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """``--model best|last``: which of a run's saved models a command uses."""
+    p.add_argument(
+        "--model",
+        choices=SAVED_MODELS,
+        help="best: the epoch with the best validation ELBO (best.pt); last: the last epoch's (default: best where "
+        "the run has a validation split, else last)",
+    )
 
 
 class UsageError(Exception):
@@ -488,6 +552,7 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_argument(e)
     e.set_defaults(run=evaluate_command, parser=e, memory_options="--chunk-size, --num-samples or --idata-points")
 
     c = sub.add_parser(
@@ -544,6 +609,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")
     s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>.png)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_argument(s)
     s.set_defaults(run=sample_command, parser=s, memory_options="--num")
     return p
 

@@ -26,6 +26,7 @@ from .names import (
     dataset_name,
     default_binarization,
 )
+from .schedule import DEFAULT_LR_DECAY, LR_SCHEDULES
 
 
 @dataclasses.dataclass
@@ -51,17 +52,22 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     kl_anneal_epochs: float = 0.0  # linear KL warm-up from 0 to 1 over this many epochs
+    lr_schedule: str = "constant"  # pyro_vae.schedule: constant, exponential or plateau
+    lr_decay: float | None = None  # the schedule's factor (None: its default; constant has none)
+    lr_patience: int = 10  # for the plateau schedule: epochs without a better validation ELBO
+    validation_size: int = 0  # images held out of the training set (seeded), scored every epoch
     seed: int = 0
     max_train: int | None = None  # use the first N training images (quick runs)
     max_test: int | None = None
     # where and how: not part of the run's identity, may change on resume
+    early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
     device: str = "auto"
     data_dir: str | None = None
     download: bool = False
     # pyro_vae.step: "traced" (the graph traced from model/guide), "inductor" (compiled too), "eager" (Pyro's ELBO)
     step: str = DEFAULT_STEP
 
-    RUNTIME_FIELDS = ("epochs", "device", "data_dir", "download", "step")
+    RUNTIME_FIELDS = ("epochs", "early_stopping", "device", "data_dir", "download", "step")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # numpy scalars as Python numbers (config.json holds them)
@@ -72,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         if self.binarize is None:
             self.binarize = default_binarization(self.likelihood)
+        if self.lr_decay is None:
+            self.lr_decay = DEFAULT_LR_DECAY.get(self.lr_schedule)
         if self.data_dir is not None:
             self.data_dir = str(data_dir_path(self.data_dir))  # a run remembers where, whatever the working directory
 
@@ -110,23 +118,56 @@ class TrainConfig:
             if value not in choices:
                 raise ConfigError(f"the {name} {value!r} cannot train here; choose one of {', '.join(choices)}")
         check_binarization(self.likelihood, self.binarize)
+        self._validate_schedule()
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a name (auto, cpu, cuda or cuda:N), got {self.device!r}")
         if not isinstance(self.download, bool):
             raise ConfigError(f"download must be True or False, got {self.download!r}")
 
+    def _validate_schedule(self) -> None:
+        """The learning-rate schedule, the validation split and early stopping (:mod:`pyro_vae.schedule`)."""
+        check_count("validation_size", self.validation_size, 0)
+        check_count("lr_patience", self.lr_patience)
+        if self.early_stopping is not None:
+            check_count("early_stopping", self.early_stopping)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule == "constant" and self.lr_decay is not None:
+            raise ConfigError("--lr-decay is for --lr-schedule exponential or plateau; leave it out, or choose one")
+        if self.lr_schedule != "constant" and (
+            isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay < 1
+        ):
+            raise ConfigError(
+                f"lr_decay must be a number in (0, 1), the factor that lowers the rate, got {self.lr_decay}"
+            )
+        needs_validation = [
+            flag
+            for flag, used in (
+                ("--lr-schedule plateau", self.lr_schedule == "plateau"),
+                ("--early-stopping", self.early_stopping is not None),
+            )
+            if used
+        ]
+        if needs_validation and self.validation_size == 0:
+            raise ConfigError(
+                f"{' and '.join(needs_validation)} watch the validation ELBO: add --validation-size N, the images "
+                "held out of the training set (10000 in the published Fashion-MNIST protocol)"
+            )
+
     def check_options_given(self, given) -> None:
         """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a
         likelihood, prior or guide that this run does not use (``normal_scale`` for a Bernoulli
         run, ``flow_steps`` without the iaf guide)."""
-        owners = {
-            option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()
-        } | LATENT_OPTIONS
+        owners = (
+            {option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()}
+            | LATENT_OPTIONS
+            | {"lr_patience": ("lr_schedule", "plateau")}
+        )
         for option, (field, choice) in owners.items():
             if option in given and getattr(self, field) != choice:
-                flag = "--" + option.replace("_", "-")
+                flag, chooser = "--" + option.replace("_", "-"), "--" + field.replace("_", "-")
                 raise ConfigError(
-                    f"{flag} is for --{field} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out"
+                    f"{flag} is for {chooser} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out"
                 )
 
     def identity(self) -> dict[str, Any]:
@@ -135,6 +176,8 @@ class TrainConfig:
         ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide)."""
         ignored = {k for k, likelihood in LIKELIHOOD_OPTIONS.items() if likelihood != self.likelihood}
         ignored |= {k for k, (field, choice) in LATENT_OPTIONS.items() if getattr(self, field) != choice}
+        if self.lr_schedule != "plateau":
+            ignored.add("lr_patience")
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}
 
     def to_dict(self) -> dict[str, Any]:

@@ -51,7 +51,7 @@ _SYSTEM_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
 MAX_IDX_BYTES = 2_000_000 * 28 * 28
 
 # Independent random streams derived from one seed.
-_STREAM_ORDER, _STREAM_DYNAMIC, _STREAM_STATIC, _STREAM_EVAL = range(4)
+_STREAM_ORDER, _STREAM_DYNAMIC, _STREAM_STATIC, _STREAM_EVAL, _STREAM_VALIDATION = range(5)
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,19 @@ def _generator(seed: int, stream: int, epoch: int, device: torch.device | str = 
     """A fresh generator whose state depends only on (seed, stream, epoch)."""
     state = np.random.SeedSequence([seed, stream, epoch]).generate_state(1, np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state) >> 1)
+
+
+def held_out(n: int, size: int, seed: int) -> torch.Tensor:
+    """A boolean mask of ``size`` of ``n`` images, drawn uniformly without replacement from a
+    generator seeded by ``seed`` alone: the validation split carved from a training set."""
+    if not 0 <= size < n:
+        raise DataError(
+            f"a validation split of {size} images leaves no training images out of {n}; choose --validation-size "
+            f"below {n}"
+        )
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=_generator(seed, _STREAM_VALIDATION, 0))[:size]] = True
+    return mask
 
 
 class DeviceBatches:

@@ -34,6 +34,7 @@ BINARIZATIONS = ("none", "threshold", "static", "dynamic", "dequantize")  # pixe
 BACKENDS = ("auto", "nccl", "gloo")
 STEP_MODES = ("traced", "inductor", "eager")  # how a training step runs: pyro_vae.step
 DEFAULT_STEP = "traced"  # the same draws and numbers as eager, without Pyro's per-step Python work
+SAVED_MODELS = ("best", "last")  # a run's best epoch by validation ELBO (best.pt), or its last (checkpoint.pt)
 DEFAULT_TIMEOUT_S = 600.0  # how long a rank of a distributed run waits for the others
 
 

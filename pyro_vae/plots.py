@@ -110,20 +110,23 @@ def _grid_figure(grid, ncol, title=None):
 
 
 def plot_elbo_curves(metrics, path):
-    """Train and test ELBO (nats per image) against epoch.
+    """Train, validation and test ELBO (nats per image) against epoch, the best validation epoch marked.
 
     ``metrics`` is a list of per-epoch dicts with "epoch", "train_elbo" and optionally
-    "test_elbo"; epochs whose test ELBO is missing or None are left out of the test curve.
+    "val_elbo" and "test_elbo"; epochs where one is missing or None are left out of its curve.
     """
     if len(metrics) == 0:
         raise DataError("no metrics to plot: pass at least one epoch's dict")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for key, label in (("train_elbo", "train"), ("test_elbo", "test")):
+    for key, label in (("train_elbo", "train"), ("val_elbo", "validation"), ("test_elbo", "test")):
         points = [(m["epoch"], float(m[key])) for m in metrics if m.get(key) is not None]
         if points:
             epochs, values = zip(*points)
             ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        if key == "val_elbo" and points:
+            best = max(points, key=lambda point: point[1])
+            ax.axvline(best[0], color="grey", linestyle=":", label=f"best validation: epoch {best[0]}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats per image)")

@@ -27,17 +27,25 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
-from .data import DeviceBatches, ImageDataset, load_dataset
+from .data import DeviceBatches, ImageDataset, held_out, load_dataset
 from .errors import ConfigError, DataError
 from .model import VAE, build_vae
+from .names import SAVED_MODELS
 from .runtime import resolve_device
 
 
 def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device: torch.device) -> DeviceBatches:
-    """The ``"train"`` or ``"test"`` split as the run sees it: its size limit, batch size,
-    binarization, seed and image layout (the train split shuffled)."""
-    limit = config.max_train if split == "train" else config.max_test
-    images, labels = getattr(dataset, f"{split}_images")[:limit], getattr(dataset, f"{split}_labels")[:limit]
+    """The ``"train"``, ``"validation"`` or ``"test"`` split as the run sees it: its size limit,
+    batch size, binarization, seed and image layout (the train split shuffled). The validation
+    split is ``config.validation_size`` images of the training set (after ``max_train``) chosen by
+    :func:`~pyro_vae.data.held_out` from the seed; the train split is the rest."""
+    if split == "test":
+        images, labels = dataset.test_images[: config.max_test], dataset.test_labels[: config.max_test]
+    else:
+        images, labels = dataset.train_images[: config.max_train], dataset.train_labels[: config.max_train]
+        rows = held_out(images.shape[0], config.validation_size, config.seed)
+        rows = rows if split == "validation" else ~rows
+        images, labels = images[rows], labels[rows]
     return DeviceBatches(
         images,
         labels,
@@ -78,12 +86,13 @@ def _holder(lock_path: Path) -> str:
 class RunFolder:
     """The files of one run: where they are, how they are written, who may write them."""
 
-    CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", ".lock"
+    CONFIG, METRICS, CHECKPOINT, BEST, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", ".lock"
     # what training (its figures: pyro_vae.plots.draw_run_figures) and evaluate write here, and temporary files
     OWN_FILES = (
         CONFIG,
         METRICS,
         CHECKPOINT,
+        BEST,
         LOCK,
         ".*.tmp",
         "evaluation*.json",
@@ -228,6 +237,25 @@ class RunFolder:
 
     def save_state(self, state: dict[str, Any]) -> None:
         save_checkpoint(state, self.checkpoint_path)
+
+    def save_best(self, epoch: int, weights: dict[str, Any]) -> None:
+        """``best.pt``: the weights of the epoch with the best validation ELBO so far."""
+        save_checkpoint({"epoch": epoch, "model": weights}, self.path / self.BEST)
+
+    def load_best(self, config: TrainConfig, metrics: list[dict[str, Any]]) -> tuple[int, VAE]:
+        """The epoch and VAE of ``best.pt``; :class:`ConfigError` if the run has none or it is damaged."""
+        path = self.path / self.BEST
+        if not config.validation_size:
+            raise ConfigError(
+                f"{self.path} was trained without a validation split, so it has no best model; use --model last"
+            )
+        if not path.is_file():
+            raise ConfigError(f"{self.path} has no {self.BEST} (deleted?); use --model last, or train the run again")
+        saved = load_checkpoint(path)
+        epoch = saved.get("epoch") if isinstance(saved, dict) else None
+        if not (isinstance(epoch, int) and isinstance(saved.get("model"), dict) and 1 <= epoch <= len(metrics) + 1):
+            raise ConfigError(f"{path} is not a best-model file of this run; the run folder is damaged: train again")
+        return epoch, load_vae(config, saved["model"], path)
 
     def load_state(self) -> dict[str, Any]:
         """The checkpoint, checked against :func:`check_state`; :class:`ConfigError` if absent or damaged."""
@@ -377,6 +405,13 @@ class SavedRun:
     metrics: list[dict[str, Any]]
     data: dict[str, Any]
     config_file_note: str | None = None  # how config.json disagrees with the checkpoint, whose settings are used
+    model: str = "last"  # which weights vae holds: "last" (the checkpoint's) or "best" (best.pt's)
+    model_epoch: int = 0  # the epoch they were saved after
+
+    @property
+    def default_model(self) -> bool:
+        """Whether :attr:`model` is the one :func:`load_run` picks unasked."""
+        return self.model == default_model(self.config)
 
     def test_split(self, data_dir: str | None = None, allow_different_data: bool = False) -> DeviceBatches:
         """The run's test split on the VAE's device, from its own data folder or ``data_dir``;
@@ -397,8 +432,10 @@ class SavedRun:
         """Where ``pyro-vae evaluate`` writes its results on the data ``found``: ``evaluation.json`` and
         ``inference_data.nc`` for the run's own data (the same fingerprint), else
         ``evaluation-on-<fingerprint>.json`` and ``inference_data-on-<fingerprint>.nc``, so that results
-        on other data never replace those on the run's own."""
-        suffix = "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
+        on other data never replace those on the run's own; the model that is not the run's default
+        (``last`` where there is a best) adds ``-<model>`` before those."""
+        suffix = "" if self.default_model else f"-{self.model}"
+        suffix += "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
         return self.folder / f"evaluation{suffix}.json", self.folder / f"inference_data{suffix}.nc"
 
     def evaluate(
@@ -434,7 +471,7 @@ class SavedRun:
             idata = export_inference_data(
                 self.vae, test, result, chunk_size, training_metrics=self.metrics, attrs=attrs
             )
-            record = evaluation_record(result.summary(), len(self.metrics), data)
+            record = evaluation_record(result.summary(), len(self.metrics), data, self.model, self.model_epoch)
             text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
             with self.folder.all_or_none(idata_path.name):  # the two files describe one evaluation
                 save_inference_data(idata, idata_path)
@@ -442,11 +479,15 @@ class SavedRun:
         return result, record, json_path, idata_path
 
 
-def evaluation_record(summary: dict[str, Any], epochs: int, data: dict[str, str]) -> dict[str, Any]:
+def evaluation_record(
+    summary: dict[str, Any], epochs: int, data: dict[str, str], model: str = "last", model_epoch: int | None = None
+) -> dict[str, Any]:
     """What ``evaluation*.json`` holds: the evaluation's numbers (``Evaluation.summary``), the epoch
     of the checkpoint it describes (``epochs``, which :meth:`RunFolder.mark_evaluation_stale` reads,
-    adding ``stale`` once the run trains further) and the data's ``source`` and ``fingerprint``."""
-    return {**summary, "epochs": epochs, "data": data}
+    adding ``stale`` once the run trains further), which weights were scored (``model``: ``last``
+    or ``best``, saved after epoch ``model_epoch``) and the data's ``source`` and ``fingerprint``."""
+    model_epoch = epochs if model_epoch is None else model_epoch
+    return {**summary, "epochs": epochs, "model": model, "model_epoch": model_epoch, "data": data}
 
 
 def load_vae(config: TrainConfig, weights: dict[str, Any], source: Path) -> VAE:
@@ -496,9 +537,24 @@ def check_optimizer(vae: VAE, saved: dict[str, Any], source: Path) -> None:
         ) from e
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto") -> SavedRun:
-    """The saved run in ``run_dir``, its VAE on ``device`` in eval mode."""
+def default_model(config: TrainConfig) -> str:
+    """The weights a run is scored with unless asked: the best by validation ELBO where the run has a
+    validation split (the published protocol), else the last epoch's."""
+    return "best" if config.validation_size else "last"
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto", model: str | None = None) -> SavedRun:
+    """The saved run in ``run_dir``, its VAE on ``device`` in eval mode: ``model`` ``"last"`` (the
+    checkpoint's weights) or ``"best"`` (``best.pt``, the epoch with the best validation ELBO);
+    None: :func:`default_model`."""
+    if model is not None and model not in SAVED_MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(SAVED_MODELS)}")
     folder = RunFolder(run_dir)
     state, config, vae = folder.load_checked()
+    model = model or default_model(config)
+    epoch = len(state["metrics"])
+    if model == "best":
+        epoch, vae = folder.load_best(config, state["metrics"])
     note = folder.config_file_disagreement(state["config"])
-    return SavedRun(folder, config, vae.to(resolve_device(device)).eval(), state["metrics"], state["data"], note)
+    vae = vae.to(resolve_device(device)).eval()
+    return SavedRun(folder, config, vae, state["metrics"], state["data"], note, model, epoch)

@@ -32,7 +32,7 @@ from torch.distributions import kl_divergence
 
 from . import distributed
 from .config import TrainConfig
-from .data import load_dataset
+from .data import DeviceBatches, load_dataset
 from .errors import ConfigError, DistributedError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
@@ -42,6 +42,7 @@ from .memory import check_step_memory
 from .model import build_vae
 from .run import RunFolder, check_same_data, data_identity, split_batches
 from .runtime import InterruptWatch, interrupts_deferred, load_torchvision, preserved_rng, rng_state, set_rng_state
+from .schedule import best_epoch, epochs_without_improvement, learning_rate
 from .step import TrainingStep
 
 # a step whose loss or gradient is not finite is skipped; this many in a row stop the run
@@ -153,6 +154,9 @@ class Trainer:
         if state is not None:
             check_same_data(self.folder.path, state["data"], self.data, allow_different_data)
         self.train_batches = split_batches(config, self.dataset, "train", self.device)
+        self.validation_batches = (
+            split_batches(config, self.dataset, "validation", self.device) if config.validation_size else None
+        )
         self.test_batches = split_batches(config, self.dataset, "test", self.device)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
         self.step = TrainingStep(
@@ -323,40 +327,51 @@ class Trainer:
             self.close()
 
     def _fit(self) -> list[dict[str, Any]]:
-        """The epochs: train, test, then save the epoch whole."""
+        """The epochs: set the learning rate, train, score, then save the epoch whole; stop early
+        once ``early_stopping`` epochs have not raised the best validation ELBO."""
         for epoch in range(self.epochs_done, self.config.epochs):
+            if self.stopped_early:
+                break
+            lr = self.learning_rate()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            row["test_elbo"] = self.test_elbo()
+            if self.config.lr_schedule != "constant":
+                row["lr"] = lr
+            if self.validation_batches is not None:
+                row["val_elbo"] = self.split_elbo(self.validation_batches)
+            row["test_elbo"] = self.split_elbo(self.test_batches)
             self.interrupts.check()
-            if not math.isfinite(row["test_elbo"]):
-                raise self.diverged(f"the test ELBO after epoch {epoch + 1} is {row['test_elbo']}")
+            for key in ("val_elbo", "test_elbo"):
+                if not math.isfinite(row.get(key, 0.0)):
+                    raise self.diverged(f"the {key.replace('_', ' ')} after epoch {epoch + 1} is {row[key]}")
             self.parallel.check_replicas(self.vae)
             # the other ranks wait for rank 0's save; Ctrl-C waits for the save's end: the epoch is kept whole
             with self.parallel.all_or_none("save the checkpoint"), interrupts_deferred():
                 self.metrics.append(row)
                 self.save()
             if self.progress:
-                annealed = ""
-                if "train_objective" in row:
-                    weighted = row["train_objective"]
-                    annealed = f"  (KL-weighted objective {weighted:.2f}, KL weight {row['kl_weight']:.3g})"
-                print(
-                    f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}  test ELBO "
-                    f"{row['test_elbo']:9.2f} nats/image{annealed}",
-                    flush=True,
-                )
+                print(epoch_line(row), flush=True)
         return self.metrics
 
-    def test_elbo(self) -> float:
-        """:func:`~pyro_vae.evaluate.mean_elbo` of the test split, computed on the main process and shared."""
+    def learning_rate(self) -> float:
+        """The rate of the next epoch: :func:`pyro_vae.schedule.learning_rate` of the metrics so far."""
+        c = self.config
+        return learning_rate(c.lr_schedule, c.lr, c.lr_decay, c.lr_patience, self.metrics)
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``early_stopping`` epochs in a row have not raised the best validation ELBO."""
+        patience = self.config.early_stopping
+        return patience is not None and epochs_without_improvement(self.metrics) >= patience
+
+    def split_elbo(self, batches: DeviceBatches) -> float:
+        """:func:`~pyro_vae.evaluate.mean_elbo` of a held-out split (validation or test), computed on the
+        main process and shared."""
         self.vae.eval()
-        with pyro.validation_enabled(False):  # a diverged model gives NaN here, which run() reports
-            value = (
-                mean_elbo(self.vae, self.test_batches.eval_batches(), self.config.seed)
-                if self.parallel.is_main
-                else math.nan
-            )
-        return self.parallel.share(value, self.device, "share the test ELBO")
+        with pyro.validation_enabled(False):  # a diverged model gives NaN here, which fit() reports
+            value = mean_elbo(self.vae, batches.eval_batches(), self.config.seed) if self.parallel.is_main else math.nan
+        return self.parallel.share(value, self.device, "share a held-out ELBO")
 
     def save(self) -> None:
         """Write the checkpoint, metrics and figures (the main process only)."""
@@ -373,6 +388,8 @@ class Trainer:
             "data": self.data,
         }
         self.parallel.save_device_rng(state["rng"], self.device)
+        if self.validation_batches is not None and best_epoch(self.metrics) == len(self.metrics):
+            self.folder.save_best(len(self.metrics), state["model"])  # first: a checkpoint never names a missing best
         self.folder.save_state(state)
         self.folder.write_config(self.config)
         self.folder.write_metrics(self.metrics)
@@ -402,3 +419,17 @@ def train(
         Trainer(config, run_dir, resume, progress, parallel=parallel, **kwargs) as trainer,
     ):
         return trainer.fit()
+
+
+def epoch_line(row: dict[str, Any]) -> str:
+    """The line printed after an epoch: its ELBOs (nats per image), and, where they vary, the
+    learning rate and the KL weight with the objective it weights."""
+    line = f"epoch {row['epoch']:3d}  train ELBO {row['train_elbo']:9.2f}"
+    if "val_elbo" in row:
+        line += f"  validation ELBO {row['val_elbo']:9.2f}"
+    line += f"  test ELBO {row['test_elbo']:9.2f} nats/image"
+    if "lr" in row:
+        line += f"  lr {row['lr']:.3g}"
+    if "train_objective" in row:
+        line += f"  (KL-weighted objective {row['train_objective']:.2f}, KL weight {row['kl_weight']:.3g})"
+    return line
