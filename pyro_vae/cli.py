@@ -81,10 +81,10 @@ def setting_value(setting):
     def parse(text: str):
         try:
             return setting.check(setting.parse(text))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid value: {setting.help}") from None
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+        except ValueError:  # the text is not even of the setting's type
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid value: {setting.help}") from None
 
     return parse
 
