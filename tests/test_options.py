@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyro_vae import VAE, ConfigError, TrainConfig
-from pyro_vae.cli import main, parser
+from pyro_vae.cli import parser
 from pyro_vae.model import build_vae
 from pyro_vae.options import KINDS, Option, Setting, choices, option, register, settings
 
@@ -37,7 +37,9 @@ def test_every_setting_is_a_flag_a_field_and_a_keyword_read_by_its_own_option_on
 
 
 def test_build_vae_hands_each_option_its_settings():
-    config = TrainConfig(likelihood="normal", normal_scale=0.5, prior="vamp", pseudo_inputs=3, guide="iaf", flow_steps=3)
+    config = TrainConfig(
+        likelihood="normal", normal_scale=0.5, prior="vamp", pseudo_inputs=3, guide="iaf", flow_steps=3
+    )
     vae = build_vae(TrainConfig(**{**config.to_dict(), "hidden": (8,), "z_dim": 2}))
     assert float(vae.likelihood.fixed_scale) == 0.5 and vae.prior_family.pseudo_inputs.shape[0] == 3
     assert len(vae.guide_family.flows) == 3 and (vae.prior_name, vae.guide_name) == ("vamp", "iaf")

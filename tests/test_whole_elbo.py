@@ -28,7 +28,9 @@ FAST = [
     (PRIORS[i % len(PRIORS)], GUIDES[(i // 2) % len(GUIDES)], likelihood, ESTIMATORS[(i + i // 2) % len(ESTIMATORS)])
     for i, likelihood in enumerate(LIKELIHOODS)
 ]
-assert all({case[k] for case in FAST} == set(options) for k, options in enumerate((PRIORS, GUIDES, LIKELIHOODS, ESTIMATORS)))
+assert all(
+    {case[k] for case in FAST} == set(options) for k, options in enumerate((PRIORS, GUIDES, LIKELIHOODS, ESTIMATORS))
+)
 CASES = [pytest.param(*case, marks=() if case in FAST else pytest.mark.slow) for case in GRID]
 
 X_DIM, BATCH, PARTICLES, KL_WEIGHT = 12, 4, 3, 0.3
