@@ -1,6 +1,6 @@
 """The registry of likelihoods, priors and guides (pyro_vae.options): every setting is a flag, a
 field and a keyword read by its own option only, and a new option is its class and one entry
-(examples/laplace_likelihood.py, run in a fresh interpreter as a user would)."""
+(examples/plugins/laplace_likelihood.py, run in a fresh interpreter as a user would)."""
 
 import json
 import subprocess
@@ -117,7 +117,15 @@ print(json.dumps(out))
 def run_driver(tmp_path, mode: str) -> dict:
     """The driver's findings, in a fresh interpreter that imports the example first."""
     write_dataset(tmp_path / "data", gz=True, n_train=64, n_test=32)
-    args = [sys.executable, "-c", DRIVER, str(REPO / "examples"), str(tmp_path / "data"), str(tmp_path / "run"), mode]
+    args = [
+        sys.executable,
+        "-c",
+        DRIVER,
+        str(REPO / "examples" / "plugins"),
+        str(tmp_path / "data"),
+        str(tmp_path / "run"),
+        mode,
+    ]
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -125,7 +133,7 @@ def run_driver(tmp_path, mode: str) -> dict:
 
 
 def test_a_new_likelihood_is_its_class_and_one_registry_entry(tmp_path):
-    """examples/laplace_likelihood.py adds a class and one entry; the command line offers it and its
+    """examples/plugins/laplace_likelihood.py adds a class and one entry; the command line offers it and its
     setting and refuses the setting with another likelihood; the config builds the model with it."""
     out = run_driver(tmp_path, "fast")
     assert "laplace, L1 reconstruction" in out["help"]

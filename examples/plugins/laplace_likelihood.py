@@ -1,6 +1,8 @@
 """Add a likelihood to pyro-vae: its class and one registry entry give it the whole command line.
 
-    python examples/laplace_likelihood.py train --likelihood laplace --laplace-scale 0.05 --epochs 1
+    python examples/plugins/laplace_likelihood.py train --likelihood laplace --laplace-scale 0.05 --epochs 1
+
+(a plugin module rather than an example script: it registers when imported, before pyro_vae.config)
 
 ``x_d ~ Laplace(mu_d, b)`` per pixel, ``mu`` from the decoder and ``b`` a fixed scale, so
 ``log p(x|z) = sum_d -|x_d - mu_d| / b - log(2 b)``: the L1 reconstruction loss, weighted by ``1/b``.
