@@ -31,15 +31,11 @@ from .names import (
     DATASETS,
     DEFAULT_TIMEOUT_S,
     ESTIMATORS,
-    GUIDES,
-    LIKELIHOODS,
-    MAX_MIXTURE_COMPONENTS,
-    NORMAL_SCALES,
-    PRIORS,
     SAVED_MODELS,
     STEP_MODES,
     TRAIN_ESTIMATORS,
 )
+from .options import choices, option, settings
 from .schedule import DEFAULT_LR_DECAY, LR_SCHEDULES
 
 PIXELS_OF = {"binary": "binarized", "8bit": "8-bit"}  # what bits/dim are counted on, by the likelihood's data kind
@@ -80,19 +76,31 @@ def dataset_choice(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def normal_scale(text: str) -> str | float:
-    """``shared``, ``pixel``, ``decoder`` or a positive number (a fixed scale)."""
-    try:
-        value = float(text)
-    except ValueError:
-        if text in NORMAL_SCALES:
-            return text
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use {', '.join(NORMAL_SCALES)} or a fixed positive number"
-        ) from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"a fixed normal scale must be a positive finite number, got {text}")
-    return value
+def setting_value(setting):
+    """An argparse type: the text of a likelihood's, prior's or guide's setting (:mod:`pyro_vae.options`)
+    parsed and checked, else a one-line error."""
+
+    def parse(text: str):
+        try:
+            return setting.check(setting.parse(text))
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        except ValueError:  # the text is not even of the setting's type
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid value: {setting.help}") from None
+
+    return parse
+
+
+CHOOSES = {"likelihood": "observation model p(x|z)", "prior": "p(z)", "guide": "q(z|x)"}
+
+
+def add_option_arguments(add, kind: str) -> None:
+    """``--likelihood``, ``--prior`` or ``--guide`` with the registered names, then a flag per setting."""
+    names = "; ".join(f"{name}, {option(kind, name).help}" for name in choices(kind))
+    add(f"--{kind}", choices=choices(kind), help=f"{CHOOSES[kind]}: {names} (default {getattr(DEFAULTS, kind)})")
+    for owner, setting in settings(kind):
+        text = f"for --{kind} {owner.name}: {setting.help} (default {setting.default})"
+        add(setting.flag, type=setting_value(setting), help=text)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,18 +123,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="download the data with torchvision if it is not found (needs internet; default off)",
     )
-    a("--likelihood", choices=LIKELIHOODS, help=f"observation model p(x|z) (default {d.likelihood})")
-    a(
-        "--normal-scale",
-        type=normal_scale,
-        help="for --likelihood normal: shared, pixel, decoder or a fixed positive number (default shared)",
-    )
-    a(
-        "--mixture-components",
-        type=positive_int,
-        help=f"for --likelihood discretized_logistic_mixture: logistics per pixel, 1 to {MAX_MIXTURE_COMPONENTS} "
-        f"(default {d.mixture_components})",
-    )
+    add_option_arguments(a, "likelihood")
     a(
         "--binarize",
         choices=BINARIZATIONS,
@@ -137,23 +134,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--hidden", type=positive_int, nargs="*", help=f"hidden layer widths (default {' '.join(map(str, d.hidden))})")
     a("--activation", choices=ACTIVATIONS, help=f"hidden-layer nonlinearity (default {d.activation})")
     a("--z-dim", type=positive_int, help=f"latent dimensions (default {d.z_dim}; 2 also draws the latent manifold)")
-    a(
-        "--prior",
-        choices=PRIORS,
-        help=f"p(z): standard N(0, I), or vamp, a mixture of the encoder's Gaussians at learned pseudo-inputs "
-        f"(default {d.prior})",
-    )
-    a(
-        "--pseudo-inputs",
-        type=positive_int,
-        help=f"for --prior vamp: the number K of pseudo-inputs (default {d.pseudo_inputs})",
-    )
-    a(
-        "--guide",
-        choices=GUIDES,
-        help=f"q(z|x): gaussian, or iaf, a Gaussian followed by an inverse autoregressive flow (default {d.guide})",
-    )
-    a("--flow-steps", type=positive_int, help=f"for --guide iaf: the number of flow steps (default {d.flow_steps})")
+    add_option_arguments(a, "prior")
+    add_option_arguments(a, "guide")
     a(
         "--estimator",
         choices=TRAIN_ESTIMATORS,

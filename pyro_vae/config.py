@@ -12,40 +12,49 @@ from .checks import check_count, data_dir_path, plain_value
 from .errors import ConfigError
 from .names import (
     ARCHITECTURES,
-    DEFAULT_FLOW_STEPS,
-    DEFAULT_PSEUDO_INPUTS,
     DEFAULT_STEP,
-    GUIDES,
-    LATENT_OPTIONS,
-    LIKELIHOOD_OPTIONS,
-    LIKELIHOODS,
-    PRIORS,
     STEP_MODES,
     TRAIN_ESTIMATORS,
     check_binarization,
     dataset_name,
     default_binarization,
 )
+from .options import KINDS, option, settings, settings_are_fields
 from .schedule import DEFAULT_LR_DECAY, LR_SCHEDULES
 
 
+def with_option_settings(cls: type) -> type:
+    """``cls`` with a field per setting of :mod:`pyro_vae.options` (its default, its annotation),
+    right after the field that chooses its option (``normal_scale`` after ``likelihood``)."""
+    annotations = {}
+    for name, annotation in cls.__annotations__.items():
+        annotations[name] = annotation
+        for _, setting in settings(name) if name in KINDS else ():
+            annotations[setting.name] = setting.annotation
+            setattr(cls, setting.name, setting.default)
+    cls.__annotations__ = annotations
+    settings_are_fields()
+    return cls
+
+
 @dataclasses.dataclass
+@with_option_settings
 class TrainConfig:
-    """Everything that defines a training run (saved as ``config.json`` in the run folder)."""
+    """Everything that defines a training run (saved as ``config.json`` in the run folder).
+
+    The settings of likelihoods, priors and guides (``normal_scale``, ``mixture_components``,
+    ``pseudo_inputs``, ``flow_steps``, ...) are fields too, made from :mod:`pyro_vae.options`.
+    """
 
     dataset: str = "fashion_mnist"
     likelihood: str = "bernoulli"
-    normal_scale: str | float = "shared"
-    mixture_components: int = 5  # for the discretized_logistic_mixture likelihood
     binarize: str | None = None  # None: the likelihood's default (dynamic for bernoulli, else none)
     architecture: str = "mlp"
     hidden: tuple[int, ...] = (400,)
     activation: str = "softplus"
     z_dim: int = 20
     prior: str = "standard"
-    pseudo_inputs: int = DEFAULT_PSEUDO_INPUTS  # for the vamp prior
     guide: str = "gaussian"
-    flow_steps: int = DEFAULT_FLOW_STEPS  # for the iaf guide
     estimator: str = "meanfield"
     num_particles: int = 1
     epochs: int = 10
@@ -74,8 +83,7 @@ class TrainConfig:
             setattr(self, field.name, plain_value(getattr(self, field.name)))
         self.hidden = tuple(map(plain_value, self.hidden)) if isinstance(self.hidden, (list, tuple)) else self.hidden
         self.dataset = dataset_name(self.dataset)
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+        option("likelihood", self.likelihood)  # its data kind sets the default binarization
         if self.binarize is None:
             self.binarize = default_binarization(self.likelihood)
         if self.lr_decay is None:
@@ -86,7 +94,7 @@ class TrainConfig:
     def validate(self) -> None:
         """:class:`ConfigError` for a value of the wrong type or out of range, or settings that
         cannot go together (values only: the trainer checks the device, the model and memory)."""
-        for name in ("z_dim", "pseudo_inputs", "flow_steps", "epochs", "batch_size", "num_particles"):
+        for name in ("z_dim", "epochs", "batch_size", "num_particles"):
             check_count(name, getattr(self, name))
         check_count("seed", self.seed, 0, 2**63 - 1)
         for name in ("max_train", "max_test"):
@@ -112,11 +120,13 @@ class TrainConfig:
             ("step mode", self.step, STEP_MODES),
             ("estimator", self.estimator, TRAIN_ESTIMATORS),
             ("architecture", self.architecture, ARCHITECTURES),
-            ("prior", self.prior, PRIORS),
-            ("guide", self.guide, GUIDES),
         ):
             if value not in choices:
                 raise ConfigError(f"the {name} {value!r} cannot train here; choose one of {', '.join(choices)}")
+        for kind in KINDS:
+            option(kind, getattr(self, kind))
+        for _, setting in settings():
+            setting.check(getattr(self, setting.name))
         check_binarization(self.likelihood, self.binarize)
         self._validate_schedule()
         if not isinstance(self.device, str):
@@ -158,24 +168,24 @@ class TrainConfig:
         """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a
         likelihood, prior or guide that this run does not use (``normal_scale`` for a Bernoulli
         run, ``flow_steps`` without the iaf guide)."""
-        owners = (
-            {option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()}
-            | LATENT_OPTIONS
-            | {"lr_patience": ("lr_schedule", "plateau")}
-        )
-        for option, (field, choice) in owners.items():
-            if option in given and getattr(self, field) != choice:
-                flag, chooser = "--" + option.replace("_", "-"), "--" + field.replace("_", "-")
+        for owner, setting in settings():
+            chosen = getattr(self, owner.kind)
+            if setting.name in given and chosen != owner.name:
+                flag = setting.flag
                 raise ConfigError(
-                    f"{flag} is for {chooser} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out"
+                    f"{flag} is for --{owner.kind} {owner.name}; this run's {owner.kind} is {chosen}: leave {flag} out"
                 )
+        if "lr_patience" in given and self.lr_schedule != "plateau":
+            raise ConfigError(
+                f"--lr-patience is for --lr-schedule plateau; this run's lr_schedule is {self.lr_schedule}: leave "
+                "--lr-patience out"
+            )
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (a likelihood's own
         setting, such as ``mixture_components``, only for the likelihood that reads it; likewise
         ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide)."""
-        ignored = {k for k, likelihood in LIKELIHOOD_OPTIONS.items() if likelihood != self.likelihood}
-        ignored |= {k for k, (field, choice) in LATENT_OPTIONS.items() if getattr(self, field) != choice}
+        ignored = {setting.name for owner, setting in settings() if getattr(self, owner.kind) != owner.name}
         if self.lr_schedule != "plateau":
             ignored.add("lr_patience")
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}

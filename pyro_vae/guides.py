@@ -15,9 +15,11 @@
   :class:`~pyro.distributions.ConditionalTransformedDistribution`. Sampling is one pass per step;
   ``log_prob`` of the guide's own draws reads the transforms' cache (no inversion).
 
-Every family is a module (its parameters train with the guide) whose ``forward(loc, scale,
-context)`` returns a distribution of batch shape ``loc.shape[:-1]`` and event shape ``(z_dim,)``;
-``context_dim`` is how many context values it needs from the encoder (0: none).
+Every family is a module built as ``cls(z_dim=..., context_dim=..., **settings)`` (registered in
+:mod:`pyro_vae.options`; its parameters train with the guide) whose ``forward(loc, scale, context)``
+returns a distribution of batch shape ``loc.shape[:-1]`` and event shape ``(z_dim,)``;
+``needs_context`` says whether the encoder must return a context too, ``context_dim`` how many
+values it has (0: none; ``context_dim=None`` at construction: the built-in encoder's ``z_dim``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ from torch import nn
 
 from .checks import check_count
 from .errors import ConfigError
-from .names import GUIDES
+from .options import MAX_FLOW_STEPS
 
 
 class GaussianGuide(nn.Module):
     """``N(loc, diag(scale^2))``; no parameters of its own, any context is ignored."""
 
-    context_dim = 0
+    needs_context, context_dim = False, 0
+
+    def __init__(self, z_dim: int | None = None, context_dim: int | None = None):
+        super().__init__()
 
     def forward(
         self, loc: torch.Tensor, scale: torch.Tensor, context: torch.Tensor | None = None
@@ -46,6 +51,8 @@ class GaussianGuide(nn.Module):
 class IAFGuide(nn.Module):
     """The Gaussian followed by ``flow_steps`` conditional affine autoregressive transforms."""
 
+    needs_context = True
+
     def __init__(self, z_dim: int, flow_steps: int = 2, context_dim: int | None = None):
         super().__init__()
         if z_dim < 2:
@@ -54,7 +61,7 @@ class IAFGuide(nn.Module):
                 "use guide='gaussian'"
             )
         self.context_dim = z_dim if context_dim is None else check_count("context_dim", context_dim)
-        steps = check_count("flow_steps", flow_steps, maximum=64)
+        steps = check_count("flow_steps", flow_steps, maximum=MAX_FLOW_STEPS)
         self.flows = nn.ModuleList(T.conditional_affine_autoregressive(z_dim, self.context_dim) for _ in range(steps))
 
     def forward(
@@ -76,12 +83,3 @@ def posterior_center(q: dist.TorchDistribution) -> torch.Tensor:
     for transform in q.transforms:
         z = transform(z)
     return z
-
-
-def make_guide(name: str, z_dim: int, flow_steps: int = 2, context_dim: int | None = None) -> nn.Module:
-    """The family of ``q(z|x)`` called ``name`` (one of :data:`~pyro_vae.names.GUIDES`)."""
-    if name == "gaussian":
-        return GaussianGuide()
-    if name == "iaf":
-        return IAFGuide(z_dim, flow_steps, context_dim)
-    raise ConfigError(f"unknown guide {name!r}; choose one of {GUIDES}")

@@ -15,7 +15,7 @@ fall out of these log-densities rather than being written by hand:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -23,9 +23,9 @@ from torch import nn
 
 from . import discretized
 from .checks import check_count
-from .errors import ConfigError, DataError
-from .names import DATA_KINDS, LIKELIHOODS, MAX_MIXTURE_COMPONENTS, NORMAL_SCALES
+from .errors import DataError
 from .networks import inverse_positive_scale, positive_scale
+from .options import MAX_MIXTURE_COMPONENTS, check_normal_scale, data_kind, default, option
 
 
 def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
@@ -54,10 +54,10 @@ class Likelihood(nn.Module):
     """Base class: maps decoder outputs of shape ``(..., num_params * C, *rest)`` to ``p(x|z)``.
 
     A likelihood checks its data (:meth:`check_support`) and says what its ``log p(x)`` is of,
-    ``data_kind`` (:data:`~pyro_vae.names.DATA_KINDS`, with the pixel preparations each accepts).
+    ``data_kind`` (its entry's in :mod:`pyro_vae.options`, with the pixel preparations each accepts).
     """
 
-    name: str  # its key in pyro_vae.names.LIKELIHOODS
+    name: str  # its name in the registry, pyro_vae.options
     num_params = 1
     log_prob_numbers = 4  # numbers per pixel and draw that scoring x keeps alive (for memory estimates)
 
@@ -82,7 +82,7 @@ class Likelihood(nn.Module):
     @property
     def data_kind(self) -> str:
         """``"binary"``, ``"8bit"`` or ``"density"``: what ``log p(x)`` is of."""
-        return DATA_KINDS[self.name]
+        return data_kind(self.name)
 
     def check_support(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` naming the fix if ``x`` lies outside this likelihood's support."""
@@ -134,13 +134,10 @@ class NormalLikelihood(Likelihood):
 
     def __init__(self, x_shape: Sequence[int], scale: str | float = "shared", init_scale: float = 1.0):
         super().__init__(x_shape)
+        scale = check_normal_scale(scale)
         self.scale_mode = scale if isinstance(scale, str) else "fixed"
-        if self.scale_mode not in NORMAL_SCALES + ("fixed",):
-            raise ConfigError(f"unknown normal scale {scale!r}; use a positive number or one of {NORMAL_SCALES}")
         self.num_params = 2 if self.scale_mode == "decoder" else 1
         if self.scale_mode == "fixed":
-            if not scale > 0:
-                raise ConfigError(f"a fixed normal scale must be positive, got {scale}")
             self.register_buffer("fixed_scale", torch.tensor(float(scale)))
         elif self.scale_mode in ("shared", "pixel"):
             shape = () if self.scale_mode == "shared" else self.x_shape
@@ -216,34 +213,17 @@ class DiscretizedLogisticMixtureLikelihood(DiscretizedLikelihood):
         return discretized.DiscretizedLogisticMixture(logits, loc, discretized.discretized_scale(raw))
 
 
-_CLASSES = (
-    BernoulliLikelihood,
-    ContinuousBernoulliLikelihood,
-    NormalLikelihood,
-    DiscretizedLogisticLikelihood,
-    DiscretizedNormalLikelihood,
-    DiscretizedLogisticMixtureLikelihood,
-)
-LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {cls.name: cls for cls in _CLASSES}
-assert tuple(LIKELIHOOD_CLASSES) == LIKELIHOODS, "every name in pyro_vae.names.LIKELIHOODS has its class here"
-
-
-def likelihood_class(name: str) -> type[Likelihood]:
-    """The likelihood class of a name in :data:`~pyro_vae.names.LIKELIHOODS`; :class:`ConfigError` otherwise."""
-    if name not in LIKELIHOOD_CLASSES:
-        raise ConfigError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
-    return LIKELIHOOD_CLASSES[name]
-
-
 def make_likelihood(
-    name: str | Likelihood, x_shape: Sequence[int], normal_scale: str | float = "shared", mixture_components: int = 5
+    name: str | Likelihood,
+    x_shape: Sequence[int],
+    normal_scale: str | float = default("normal_scale"),
+    mixture_components: int = default("mixture_components"),
+    **settings: Any,
 ) -> Likelihood:
-    """Build a likelihood from its name (one of :data:`~pyro_vae.names.LIKELIHOODS`), or pass an instance through."""
+    """Build the likelihood registered as ``name`` (:mod:`pyro_vae.options`) for data of shape
+    ``x_shape``, with the settings it reads (those of other likelihoods are ignored); an instance
+    passes through."""
     if isinstance(name, Likelihood):
         return name
-    cls = likelihood_class(name)
-    if cls is NormalLikelihood:
-        return cls(x_shape, scale=normal_scale)
-    if cls is DiscretizedLogisticMixtureLikelihood:
-        return cls(x_shape, components=mixture_components)
-    return cls(x_shape)
+    settings |= {"normal_scale": normal_scale, "mixture_components": mixture_components}
+    return option("likelihood", name).build(settings, x_shape=tuple(x_shape))

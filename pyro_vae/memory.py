@@ -32,7 +32,7 @@ def step_memory_bytes(vae: VAE, particles: int, batch: int, training: bool = Tru
         for hook in hooks:
             hook.remove()
     per_draw = sum(counted) + vae.likelihood.log_prob_numbers * math.prod(vae.x_shape) + 4 * vae.z_dim
-    per_draw += vae.vamp_prior.log_prob_numbers if vae.vamp_prior is not None else 0
+    per_draw += getattr(vae.prior_family, "log_prob_numbers", 0)  # a mixture prior keeps its components' numbers
     parameters = sum(p.numel() * p.element_size() for p in vae.parameters())
     return particles * batch * per_draw * 4 * (3 if training else 2) + parameter_copies * parameters
 

@@ -9,9 +9,11 @@ Guide (the encoder, amortized over data)::
 
     z_i ~ q(z | encoder(x_i))          N(loc(x_i), diag(scale(x_i)^2)), or that followed by an IAF
 
-The prior (:mod:`pyro_vae.priors`) and the guide's family (:mod:`pyro_vae.guides`) are chosen by
-name; the encoder and decoder may be the user's own modules (the contract is in :class:`VAE`),
-checked once at construction on a dummy batch with a leading particle dimension.
+The likelihood (:mod:`pyro_vae.likelihoods`), the prior (:mod:`pyro_vae.priors`) and the guide's
+family (:mod:`pyro_vae.guides`) are chosen by their names in :mod:`pyro_vae.options`, which also
+lists the settings each reads (``normal_scale``, ``pseudo_inputs``, ...). The encoder and decoder
+may be the user's own modules (the contract is in :class:`VAE`), checked once at construction on a
+dummy batch with a leading particle dimension.
 
 Datapoints live in the plate ``"data"`` at dim -1, so any ELBO with ``max_plate_nesting=1`` can
 run them with vectorized particles at dim -2. The model is always the unweighted ``p(x, z)``: a KL
@@ -27,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -37,11 +39,12 @@ from torch import nn
 
 from .checks import check_count
 from .errors import ConfigError, DataError
-from .guides import make_guide, posterior_center
-from .likelihoods import Likelihood, make_likelihood
-from .names import ARCHITECTURES, DEFAULT_FLOW_STEPS, DEFAULT_PSEUDO_INPUTS, PRIORS
+from .guides import posterior_center
+from .likelihoods import Likelihood
+from .names import ARCHITECTURES
 from .networks import IMAGE_SHAPE, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-from .priors import VampPrior
+from .options import KINDS, default, option
+from .options import settings as options_settings
 
 DUMMY_BATCH = (2, 3)  # particles x datapoints: the batch that checks the networks at construction
 
@@ -177,7 +180,7 @@ class VAE(nn.Module):
         x_dim: values per datapoint for flat vectors ``(N, x_dim)`` (default 784; the conv networks
             read ``x_dim=784`` as ``1x28x28`` images).
         z_dim: latent dimensions.
-        likelihood: a name of :data:`~pyro_vae.names.LIKELIHOODS` (``"bernoulli"``,
+        likelihood: a likelihood's name in :mod:`pyro_vae.options` (``"bernoulli"``,
             ``"continuous_bernoulli"``, ``"normal"``, ``"discretized_logistic"``, ...) or a
             :class:`~pyro_vae.likelihoods.Likelihood`.
         normal_scale: for ``"normal"``: a positive float (fixed), ``"shared"``, ``"pixel"`` or
@@ -203,6 +206,8 @@ class VAE(nn.Module):
         pseudo_inputs: for ``"vamp"``: the number K of learned pseudo-inputs.
         guide: ``"gaussian"`` or ``"iaf"`` (:class:`~pyro_vae.guides.IAFGuide`).
         flow_steps: for ``"iaf"``: the number T of autoregressive steps.
+        **settings: the settings of likelihoods, priors and guides registered in
+            :mod:`pyro_vae.options` beyond those above; each is read by its own option only.
     """
 
     _instances = itertools.count()
@@ -212,8 +217,8 @@ class VAE(nn.Module):
         x_dim: int | None = None,
         z_dim: int = 20,
         likelihood: str | Likelihood = "bernoulli",
-        normal_scale: str | float = "shared",
-        mixture_components: int = 5,
+        normal_scale: str | float = default("normal_scale"),
+        mixture_components: int = default("mixture_components"),
         architecture: str = "mlp",
         hidden: Sequence[int] | int = (400,),
         activation: str = "softplus",
@@ -223,16 +228,30 @@ class VAE(nn.Module):
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         prior: str = "standard",
-        pseudo_inputs: int = DEFAULT_PSEUDO_INPUTS,
+        pseudo_inputs: int = default("pseudo_inputs"),
         guide: str = "gaussian",
-        flow_steps: int = DEFAULT_FLOW_STEPS,
+        flow_steps: int = default("flow_steps"),
+        **settings: Any,
     ):
         super().__init__()
         z_dim = _count("z_dim", z_dim)
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
-        if prior not in PRIORS:
-            raise ConfigError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+        known = {s.name for _, s in options_settings()}
+        if set(settings) - known:
+            unknown = ", ".join(sorted(set(settings) - known))
+            raise ConfigError(f"VAE has no setting {unknown}; the settings are {', '.join(sorted(known))}")
+        settings |= dict(
+            normal_scale=normal_scale,
+            mixture_components=mixture_components,
+            pseudo_inputs=pseudo_inputs,
+            flow_steps=flow_steps,
+        )
+        prior_option, guide_option = option("prior", prior), option("guide", guide)
+        likelihood_option = None if isinstance(likelihood, Likelihood) else option("likelihood", likelihood)
+        for chosen in (prior_option, guide_option, likelihood_option):
+            for setting in chosen.settings if chosen is not None else ():  # before any network is built
+                setting.check(settings[setting.name])
         for part, net in (("encoder", encoder), ("decoder", decoder)):
             if net is not None and not isinstance(net, nn.Module):
                 raise ConfigError(f"{part} must be a torch.nn.Module, got {type(net).__name__}")
@@ -241,13 +260,11 @@ class VAE(nn.Module):
         hidden = tuple(
             _count("a hidden layer width", h) for h in ((hidden,) if isinstance(hidden, numbers.Integral) else hidden)
         )
-        if isinstance(normal_scale, bool) or (
-            isinstance(normal_scale, numbers.Real) and not (math.isfinite(normal_scale) and normal_scale > 0)
-        ):
-            raise ConfigError(f"a fixed normal_scale must be a positive finite number, got {normal_scale!r}")
         own_networks = encoder is not None and decoder is not None
         self.x_shape = data_shape(x_dim, x_shape, architecture, own_networks)
-        self.likelihood = make_likelihood(likelihood, self.x_shape, normal_scale, mixture_components)
+        self.likelihood = (
+            likelihood if likelihood_option is None else likelihood_option.build(settings, x_shape=self.x_shape)
+        )
         if self.likelihood.x_shape != self.x_shape:
             raise ConfigError(
                 f"the likelihood is built for x_shape {self.likelihood.x_shape}, the networks for {self.x_shape}"
@@ -260,9 +277,10 @@ class VAE(nn.Module):
                 f"got {len(hidden)} ({' '.join(map(str, hidden))})"
             )
         width = hidden[0] if hidden else 256
-        context_dim = z_dim if guide == "iaf" else 0  # the built-in encoder's context h(x)
+        needs_context = guide_option.load().needs_context
+        context_dim = z_dim if needs_context else 0  # the built-in encoder's context h(x)
         if encoder is not None:
-            context_dim = check_encoder(encoder, self.x_shape, z_dim, needs_context=guide == "iaf")
+            context_dim = check_encoder(encoder, self.x_shape, z_dim, needs_context)
         elif architecture == "conv":
             encoder = ConvEncoder(z_dim, width, activation, image_shape=self.x_shape, context_dim=context_dim)
         else:
@@ -274,9 +292,9 @@ class VAE(nn.Module):
         else:
             decoder = MLPDecoder(z_dim, out_shape[0], hidden, activation)
         self.encoder, self.decoder = encoder, decoder
-        self.guide_family = make_guide(guide, z_dim, flow_steps, context_dim or None)
-        self.vamp_prior = VampPrior(self.x_shape, z_dim, pseudo_inputs) if prior == "vamp" else None
-        self.prior_name, self.guide_name = prior, guide
+        self.guide_family = guide_option.build(settings, z_dim=z_dim, context_dim=context_dim or None)
+        self.prior_family = prior_option.build(settings, x_shape=self.x_shape, z_dim=z_dim)
+        self.prior_name, self.guide_name = prior, guide  # their names in pyro_vae.options
         self.z_dim = z_dim
         number = next(self._instances)
         self.name = name if name is not None else ("vae" if number == 0 else f"vae_{number}")
@@ -284,11 +302,9 @@ class VAE(nn.Module):
         self.register_buffer("prior_scale", torch.ones(z_dim))
 
     def prior(self) -> dist.TorchDistribution:
-        """``p(z)``: ``N(0, I)`` built from buffers (so it lives on the module's device), or the
-        VampPrior's mixture of the encoder's Gaussians at the pseudo-inputs."""
-        if self.vamp_prior is not None:
-            return self.vamp_prior(self.encoder)
-        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+        """``p(z)``: ``N(0, I)``, or the VampPrior's mixture of the encoder's Gaussians at the
+        pseudo-inputs, or the registered prior chosen (it lives on the module's device)."""
+        return self.prior_family(self.encoder)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(z|x)`` for a batch ``x`` (no checks, no Pyro sites): batch shape ``x.shape[:-len(x_shape)]``."""
@@ -298,6 +314,14 @@ class VAE(nn.Module):
         """The state ``pickle``, ``copy.deepcopy`` and ``torch.save(vae)`` save: the module's, with its
         parameters unlinked from Pyro's parameter store (which gives each one a weakref, unpicklable)."""
         return nn.Module.__getstate__(without_store_links(self, {}))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """``nn.Module``'s, after moving a checkpoint's ``vamp_prior.*`` entries (saved before the
+        prior became ``prior_family``) to ``prior_family.*``, where the VampPrior is now."""
+        old = prefix + "vamp_prior."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "prior_family." + key[len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def pyro_module(self, part: str, module: nn.Module) -> None:
         """``pyro.module`` under this VAE's name; refuse a store entry that belongs to another module."""
@@ -363,8 +387,8 @@ class VAE(nn.Module):
         """``p(x, z) = p(z) p(x|z)`` for the batch ``x``, or ``batch_size`` fresh draws when ``x`` is None."""
         self.pyro_module("decoder", self.decoder)
         self.pyro_module("likelihood", self.likelihood)
-        if self.vamp_prior is not None:  # p(z) reads the encoder at the pseudo-inputs
-            self.pyro_module("prior", self.vamp_prior)
+        if next(self.prior_family.parameters(), None) is not None:  # a learned p(z), such as the VampPrior's,
+            self.pyro_module("prior", self.prior_family)  # may read the encoder (at the pseudo-inputs)
             self.pyro_module("encoder", self.encoder)
         if x is not None:
             self.check_data(x)
@@ -403,18 +427,14 @@ class VAE(nn.Module):
 
 
 def build_vae(config) -> VAE:
-    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes."""
+    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes, with the settings of
+    every registered option (each option reads its own)."""
     return VAE(
         x_dim=math.prod(IMAGE_SHAPE),
         z_dim=config.z_dim,
-        prior=config.prior,
-        pseudo_inputs=config.pseudo_inputs,
-        guide=config.guide,
-        flow_steps=config.flow_steps,
-        likelihood=config.likelihood,
-        normal_scale=config.normal_scale,
-        mixture_components=config.mixture_components,
         architecture=config.architecture,
         hidden=config.hidden,
         activation=config.activation,
+        **{kind: getattr(config, kind) for kind in KINDS},
+        **{s.name: getattr(config, s.name) for _, s in options_settings()},
     )

@@ -2,30 +2,10 @@
 so that ``pyro-vae --help`` answers without loading torch."""
 
 from .errors import ConfigError, DataError
+from .options import choices, data_kind
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
-# likelihood -> what its log p(x) is of: "binary" (a mass on binarized pixels), "8bit" (a mass on the
-# 256 levels of each pixel) or "density" (a density on continuous pixels: not a probability, no bits/dim)
-DATA_KINDS = {
-    "bernoulli": "binary",
-    "continuous_bernoulli": "density",
-    "normal": "density",
-    "discretized_logistic": "8bit",
-    "discretized_normal": "8bit",
-    "discretized_logistic_mixture": "8bit",
-}
-LIKELIHOODS = tuple(DATA_KINDS)
-NORMAL_SCALES = ("shared", "pixel", "decoder")  # or a positive float: a fixed scale
-MAX_MIXTURE_COMPONENTS = 100  # logistics per pixel; PixelCNN++ uses 10, more is a typo rather than a model
-LIKELIHOOD_OPTIONS = {
-    "normal_scale": "normal",
-    "mixture_components": "discretized_logistic_mixture",
-}  # setting -> the one likelihood that reads it
-PRIORS = ("standard", "vamp")  # p(z): N(0, I), or the VampPrior (pyro_vae.priors)
-GUIDES = ("gaussian", "iaf")  # q(z|x): a diagonal Gaussian, or one followed by an inverse autoregressive flow
-DEFAULT_PSEUDO_INPUTS, DEFAULT_FLOW_STEPS = 500, 2
-# setting -> (the field that chooses, the one choice that reads the setting)
-LATENT_OPTIONS = {"pseudo_inputs": ("prior", "vamp"), "flow_steps": ("guide", "iaf")}
+LIKELIHOODS = choices("likelihood")  # the library's own; pyro_vae.options holds them, and any registered later
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 TRAIN_ESTIMATORS = ("trace", "meanfield", "iwae")  # renyi tempers its weights under minibatch scaling: compare only
 ARCHITECTURES = ("mlp", "conv")
@@ -47,13 +27,13 @@ def check_binarization_name(binarization: str) -> None:
 def default_binarization(likelihood: str) -> str:
     """How pixels are prepared for ``likelihood`` unless asked otherwise: dynamic binarization for
     binary data, the pixels as they are (k / 255) otherwise."""
-    return "dynamic" if DATA_KINDS[likelihood] == "binary" else "none"
+    return "dynamic" if data_kind(likelihood) == "binary" else "none"
 
 
 def check_binarization(likelihood: str, binarization: str) -> None:
     """:class:`DataError` if pixels prepared with ``binarization`` cannot lie in ``likelihood``'s support."""
     check_binarization_name(binarization)
-    kind = DATA_KINDS[likelihood]
+    kind = data_kind(likelihood)
     if kind == "binary" and binarization in ("none", "dequantize"):
         raise DataError(
             f"the {likelihood} likelihood needs pixels in {{0, 1}} but binarization {binarization!r} keeps them "

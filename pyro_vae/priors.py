@@ -1,4 +1,9 @@
-"""The VampPrior: a prior made of the encoder's own posteriors (Tomczak & Welling 2018).
+"""The priors ``p(z)``: ``N(0, I)``, and the VampPrior, made of the encoder's own posteriors
+(Tomczak & Welling 2018).
+
+Every prior is a module built as ``cls(x_shape=..., z_dim=..., **settings)`` whose
+``forward(encoder)`` returns a distribution of event shape ``(z_dim,)`` (registered in
+:mod:`pyro_vae.options`). The standard prior is ``N(0, I)`` (Kingma & Welling 2013, section 3).
 
 ``p(z) = (1/K) sum_k q(z|u_k)`` (their eq. 9), a uniform mixture over K learned pseudo-inputs
 ``u_k`` (images of the data's shape, trained with everything else by SVI), each component the
@@ -25,8 +30,20 @@ import torch
 from torch import nn
 
 from .checks import check_count
+from .options import MAX_PSEUDO_INPUTS
 
-MAX_PSEUDO_INPUTS = 100_000
+
+class StandardPrior(nn.Module):
+    """``N(0, I)``, built from buffers (it follows the module's device and dtype) that are not saved:
+    the checkpoint of a run is the same with it as without it."""
+
+    def __init__(self, x_shape: Sequence[int], z_dim: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(z_dim), persistent=False)
+        self.register_buffer("scale", torch.ones(z_dim), persistent=False)
+
+    def forward(self, encoder: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
 
 
 class VampPrior(nn.Module):

@@ -1,10 +1,21 @@
-"""A hand-written ELBO in plain PyTorch, independent of Pyro and of :mod:`pyro_vae.likelihoods`:
-the yardstick for tests and benchmarks.
+"""A hand-written ELBO in plain PyTorch, independent of Pyro and of the library's likelihoods,
+priors and guides: the yardstick for tests and benchmarks.
 
-``ELBO(x) = (1/L) sum_l log p(x | z_l) - beta KL(q(z|x) || p(z))``, ``z_l = loc + scale * eps_l``
-(Kingma & Welling 2013, eq. 10), with the Gaussian KL of their Appendix B. Each log-likelihood is
-written out here from its formula, reading only the decoder's raw outputs and the likelihood's
-parameters, never the library's own ``split``, ``scale`` or normalizer code:
+``ELBO(x) = (1/L) sum_l [log p(x | z_l) - beta (log q(z_l|x) - log p(z_l))]`` with
+``z_l`` the guide's draw from ``eps_l ~ N(0, I)`` (Kingma & Welling 2013, eq. 10; Trace_ELBO),
+or with ``beta KL(q(z|x) || p(z))`` in closed form where it exists, the standard prior and the
+Gaussian guide (their Appendix B; TraceMeanField_ELBO, which falls back to the draws elsewhere).
+Each term is written out here from its formula for the option of that name in
+:mod:`pyro_vae.options`, reading only the networks' outputs and the options' parameters (the
+pseudo-inputs, a learned scale, the flows' autoregressive networks), never the library's own
+``split``, ``scale``, normalizer or distribution code:
+
+* Standard prior: ``log N(z; 0, I)``. VampPrior (Tomczak & Welling 2018, eq. 9):
+  ``logsumexp_k log N(z; loc(u_k), scale(u_k)) - log K`` with the encoder at the pseudo-inputs.
+* Gaussian guide: ``z = loc + scale eps``, ``log q = log N(eps; 0, I) - sum log scale``. IAF guide
+  (Kingma et al. 2016, eq. 10-11): then ``z_t = mu_t + sigma_t z_{t-1}`` for each step, with
+  ``(mu_t, log sigma_t)`` from its autoregressive network of ``(z_{t-1}, context)``,
+  ``log sigma_t`` clipped to Pyro's ``[-5, 3]``, and ``log q -= sum_i log sigma_t,i``.
 
 * Bernoulli: ``x eta - softplus(eta)`` per pixel.
 * Continuous Bernoulli: that plus ``log C``, ``1/C = int_0^1 lam^x (1 - lam)^(1-x) dx =
@@ -52,38 +63,61 @@ def _normal_scale(likelihood, raw: torch.Tensor) -> torch.Tensor:
     return (F.softplus(likelihood.raw_scale) + MIN_SCALE).flatten()  # shared: one value; pixel: (d,)
 
 
+def _bernoulli(likelihood, x, blocks):
+    return x * blocks[0] - F.softplus(blocks[0])
+
+
+def _continuous_bernoulli(likelihood, x, blocks):
+    return _bernoulli(likelihood, x, blocks) + continuous_bernoulli_log_c(blocks[0])
+
+
+def _normal(likelihood, x, blocks):
+    s = _normal_scale(likelihood, blocks[1] if len(blocks) > 1 else None)
+    return -(x - blocks[0]).pow(2) / (2 * s.pow(2)) - s.log() - 0.5 * math.log(2 * math.pi)
+
+
+def _logistic_cdf(t):
+    return torch.sigmoid(t)
+
+
+def _normal_cdf(t):
+    return 0.5 * torch.special.erfc(-t / math.sqrt(2))
+
+
+def _discretized(cdf):
+    return lambda likelihood, x, blocks: _discretized_log_mass(cdf, x, blocks[0], blocks[1])
+
+
+def _discretized_logistic_mixture(likelihood, x, blocks):
+    c = likelihood.components
+    logits = torch.stack(blocks[:c], -1).double().log_softmax(-1)
+    masses = torch.stack(
+        [_discretized_log_mass(_logistic_cdf, x, blocks[c + i], blocks[2 * c + i]) for i in range(c)], -1
+    )
+    return torch.logsumexp(logits + masses, -1).to(x.dtype)
+
+
+# likelihood name (pyro_vae.options) -> log p(x_d | its blocks of decoder outputs), per pixel
+PIXEL_LOG_LIKELIHOODS = {
+    "bernoulli": _bernoulli,
+    "continuous_bernoulli": _continuous_bernoulli,
+    "normal": _normal,
+    "discretized_logistic": _discretized(_logistic_cdf),
+    "discretized_normal": _discretized(_normal_cdf),
+    "discretized_logistic_mixture": _discretized_logistic_mixture,
+}
+
+
 def reference_log_likelihood(likelihood, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``log p(x|z)`` summed over pixels from the textbook formulas; ``params`` are the decoder's raw
     outputs ``(..., num_params * C, *rest)``; returns shape ``params.shape[:-event_ndim]``."""
-    kind = type(likelihood).__name__
+    check_formula("likelihood", getattr(likelihood, "name", None), PIXEL_LOG_LIKELIHOODS)
     event_ndim = len(likelihood.x_shape)
     d = math.prod(likelihood.x_shape)
-    flat = params.flatten(-event_ndim)  # the first d outputs parametrize the pixels, the next d the scale
-    first, second = flat[..., :d], flat[..., d : 2 * d]
-    x = x.flatten(-event_ndim).expand_as(first)
-    if kind in ("BernoulliLikelihood", "ContinuousBernoulliLikelihood"):
-        per_pixel = x * first - F.softplus(first)
-        if kind == "ContinuousBernoulliLikelihood":
-            per_pixel = per_pixel + continuous_bernoulli_log_c(first)
-    elif kind == "NormalLikelihood":
-        s = _normal_scale(likelihood, second)
-        per_pixel = -(x - first).pow(2) / (2 * s.pow(2)) - s.log() - 0.5 * math.log(2 * math.pi)
-    elif kind.startswith("Discretized"):
-        components = getattr(likelihood, "components", 1)
-        blocks = [flat[..., i * d : (i + 1) * d] for i in range(flat.shape[-1] // d)]
-        cdf = torch.sigmoid if "Logistic" in kind else lambda t: 0.5 * torch.special.erfc(-t / math.sqrt(2))
-        if components == 1 and "Mixture" not in kind:
-            per_pixel = _discretized_log_mass(cdf, x, blocks[0], blocks[1])
-        else:
-            c = components
-            logits = torch.stack(blocks[:c], -1).double().log_softmax(-1)
-            masses = torch.stack(
-                [_discretized_log_mass(cdf, x, blocks[c + i], blocks[2 * c + i]) for i in range(c)], -1
-            )
-            per_pixel = torch.logsumexp(logits + masses, -1).to(x.dtype)
-    else:
-        raise TypeError(f"no reference formula for {kind}")
-    return per_pixel.sum(-1)
+    flat = params.flatten(-event_ndim)  # block i of d outputs: the i-th parameter of every pixel
+    blocks = [flat[..., i * d : (i + 1) * d] for i in range(flat.shape[-1] // d)]
+    x = x.flatten(-event_ndim).expand_as(blocks[0])
+    return PIXEL_LOG_LIKELIHOODS[likelihood.name](likelihood, x, blocks).sum(-1)
 
 
 def _discretized_log_mass(cdf, x: torch.Tensor, loc: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -100,24 +134,76 @@ def _discretized_log_mass(cdf, x: torch.Tensor, loc: torch.Tensor, raw: torch.Te
     return torch.log(mass).to(raw.dtype)
 
 
-def check_reference_applies(vae) -> None:
-    """:class:`ConfigError` unless ``vae`` has the standard prior and the Gaussian guide, the model
-    :func:`reference_elbo` is written for."""
-    if vae.prior_name != "standard" or vae.guide_name != "gaussian":
-        chosen = f"prior {vae.prior_name!r} and guide {vae.guide_name!r}"
+def normal_log_density(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``log N(z; loc, diag(scale^2))`` summed over the last dimension."""
+    return (-0.5 * ((z - loc) / scale).pow(2) - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def _standard_log_prior(vae, z):
+    return normal_log_density(z, torch.zeros_like(z), torch.ones_like(z))
+
+
+def _vamp_log_prior(vae, z):
+    loc, scale = vae.encoder(vae.prior_family.pseudo_inputs)[:2]  # (K, z_dim) each
+    return torch.logsumexp(normal_log_density(z.unsqueeze(-2), loc, scale), -1) - math.log(loc.shape[0])
+
+
+# prior name (pyro_vae.options) -> log p(z)
+LOG_PRIORS = {"standard": _standard_log_prior, "vamp": _vamp_log_prior}
+
+
+def _gaussian_draw(vae, encoded, eps):
+    loc, scale = encoded[:2]
+    log_q = normal_log_density(eps, torch.zeros_like(eps), torch.ones_like(eps)) - scale.log().sum(-1)
+    return loc + scale * eps, log_q
+
+
+def _iaf_draw(vae, encoded, eps):
+    z, log_q = _gaussian_draw(vae, encoded, eps)
+    for flow in vae.guide_family.flows:
+        mu, log_sigma = flow.nn(z, context=encoded[2])
+        log_sigma = log_sigma.clamp(-5.0, 3.0)
+        z = mu + log_sigma.exp() * z
+        log_q = log_q - log_sigma.sum(-1)
+    return z, log_q
+
+
+# guide name (pyro_vae.options) -> (z, log q(z|x)) from the encoder's outputs and the noise eps
+POSTERIOR_DRAWS = {"gaussian": _gaussian_draw, "iaf": _iaf_draw}
+
+
+def check_formula(kind: str, name: str, formulas: dict) -> None:
+    """:class:`ConfigError` unless this module writes out the ``kind`` called ``name``."""
+    if name not in formulas:
         raise ConfigError(
-            f"the reference ELBO is written for prior 'standard' and guide 'gaussian', not {chosen}; "
+            f"the reference ELBO has no formula for the {kind} {name!r} (it has {', '.join(formulas)}); "
             "compare the Pyro estimators without 'reference' (--estimators trace meanfield iwae)"
         )
 
 
-def reference_elbo(vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0) -> torch.Tensor:
+def check_reference_applies(vae) -> None:
+    """:class:`ConfigError` unless :func:`reference_elbo` has formulas for ``vae``'s likelihood,
+    prior and guide."""
+    check_formula("likelihood", getattr(vae.likelihood, "name", None), PIXEL_LOG_LIKELIHOODS)
+    check_formula("prior", vae.prior_name, LOG_PRIORS)
+    check_formula("guide", vae.guide_name, POSTERIOR_DRAWS)
+
+
+def reference_elbo(
+    vae, x: torch.Tensor, num_particles: int = 1, kl_weight: float = 1.0, analytic_kl: bool = True
+) -> torch.Tensor:
     """Per-datapoint ``ELBO_beta``, shape ``(N,)``, differentiable, ``beta = kl_weight``; ``eps`` is
     drawn as one ``(num_particles, N, z_dim)`` standard-normal tensor, as vectorized Pyro particles are.
-    Written for the standard prior and the Gaussian guide (:func:`check_reference_applies`)."""
+    ``analytic_kl``: the closed-form KL where it exists (standard prior, Gaussian guide), as
+    TraceMeanField_ELBO; else, and everywhere with False (Trace_ELBO), ``log q - log p`` of the draws."""
     check_reference_applies(vae)
-    loc, scale = vae.encoder(x)
+    encoded = vae.encoder(x)
+    loc = encoded[0]
     eps = torch.empty((num_particles, *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
-    z = loc + scale * eps
+    z, log_q = POSTERIOR_DRAWS[vae.guide_name](vae, encoded, eps)
     reconstruction = reference_log_likelihood(vae.likelihood, vae.decoder(z), x).mean(0)
-    return reconstruction - kl_weight * gaussian_kl(loc, scale)
+    if analytic_kl and (vae.prior_name, vae.guide_name) == ("standard", "gaussian"):
+        kl = gaussian_kl(*encoded[:2])
+    else:
+        kl = (log_q - LOG_PRIORS[vae.prior_name](vae, z)).mean(0)
+    return reconstruction - kl_weight * kl

@@ -34,7 +34,7 @@ def vamp_vae(**kwargs):
 def test_vamp_prior_log_prob_is_the_logsumexp_over_the_pseudo_inputs_minus_log_k():
     vae = vamp_vae()
     z = torch.randn(7, 3, dtype=torch.float64) * 2
-    loc, scale = vae.encoder(vae.vamp_prior.pseudo_inputs)  # (K, z_dim) each
+    loc, scale = vae.encoder(vae.prior_family.pseudo_inputs)  # (K, z_dim) each
     by_hand = torch.logsumexp(normal_log_density(z.unsqueeze(-2), loc, scale), -1) - math.log(5)
     assert torch.allclose(vae.prior().log_prob(z), by_hand, rtol=1e-12, atol=0)
 
@@ -125,7 +125,7 @@ def test_importance_weights_of_vamp_with_iaf_are_the_formula_per_datapoint():
     log_w = importance_log_weights(vae.model, vae.guide, x, num_samples=40, chunk_size=40)
     pyro.set_rng_seed(2)
     z, log_q = iaf_by_hand(vae, x, torch.empty(40, 6, 3, dtype=torch.float64).normal_())
-    loc, scale = vae.encoder(vae.vamp_prior.pseudo_inputs)[:2]
+    loc, scale = vae.encoder(vae.prior_family.pseudo_inputs)[:2]
     log_prior = torch.logsumexp(normal_log_density(z.unsqueeze(-2), loc, scale), -1) - math.log(5)
     logits = vae.decoder(z)
     log_lik = (x * logits - F.softplus(logits)).sum(-1)
@@ -184,7 +184,7 @@ def test_svi_trains_vamp_with_iaf_and_the_pseudo_inputs_move():
     torch.manual_seed(0)
     vae = VAE(x_dim=12, z_dim=2, hidden=(32,), prior="vamp", pseudo_inputs=4, guide="iaf")
     x = two_patterns()
-    start = vae.vamp_prior.pseudo_inputs.detach().clone()
+    start = vae.prior_family.pseudo_inputs.detach().clone()
     elbo = make_elbo("meanfield", 4)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.01}), elbo)
     pyro.set_rng_seed(1)
@@ -194,7 +194,7 @@ def test_svi_trains_vamp_with_iaf_and_the_pseudo_inputs_move():
     pyro.set_rng_seed(1)
     after = sum(elbo.loss(vae.model, vae.guide, x) for _ in range(5)) / 5
     assert after < before - 100  # nats over 64 datapoints: from about 8 nats per image towards 2
-    assert not torch.equal(vae.vamp_prior.pseudo_inputs.detach(), start)
+    assert not torch.equal(vae.prior_family.pseudo_inputs.detach(), start)
 
 
 class ThreeLayerEncoder(nn.Module):
@@ -362,10 +362,10 @@ def test_a_vamp_iaf_run_saves_its_new_parameters_records_its_choices_and_resumes
         "iaf",
         2,
     )
-    assert run.vae.vamp_prior.pseudo_inputs.shape == (3, 784) and len(run.vae.guide_family.flows) == 2
+    assert run.vae.prior_family.pseudo_inputs.shape == (3, 784) and len(run.vae.guide_family.flows) == 2
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     state = run.vae.state_dict()
-    assert {"vamp_prior.pseudo_inputs", "guide_family.flows.1.nn.permutation"} <= set(saved)
+    assert {"prior_family.pseudo_inputs", "guide_family.flows.1.nn.permutation"} <= set(saved)
     assert all(torch.equal(saved[k], state[k]) for k in saved)
 
 
@@ -375,7 +375,7 @@ def test_identity_counts_pseudo_inputs_and_flow_steps_only_where_they_are_read()
     assert "pseudo_inputs" not in TrainConfig().identity() and "flow_steps" not in TrainConfig().identity()
     identity = TrainConfig(prior="vamp", guide="iaf").identity()
     assert identity["pseudo_inputs"] == 500 and identity["flow_steps"] == 2 and identity["prior"] == "vamp"
-    with pytest.raises(ConfigError, match="the prior 'gauss' cannot train here"):
+    with pytest.raises(ConfigError, match="unknown prior 'gauss'; choose one of standard, vamp"):
         TrainConfig(prior="gauss").validate()
 
 
@@ -387,11 +387,31 @@ def test_the_cli_refuses_a_flow_setting_without_the_iaf_guide(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_compare_refuses_the_reference_elbo_for_a_vamp_prior_before_drawing():
-    from pyro_vae.compare import compare_estimators
+def test_a_checkpoint_saved_with_the_vamp_prior_under_its_old_name_loads():
+    """Runs trained before the prior became ``prior_family`` saved ``vamp_prior.pseudo_inputs``."""
+    saved = vamp_vae(guide="iaf")
+    old = {k.replace("prior_family.", "vamp_prior."): v for k, v in saved.state_dict().items()}
+    assert "vamp_prior.pseudo_inputs" in old
+    loaded = vamp_vae(guide="iaf")
+    loaded.load_state_dict(old)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
 
-    with pytest.raises(ConfigError, match="reference ELBO is written for prior 'standard' and guide 'gaussian'"):
-        compare_estimators(vamp_vae(), binary_batch(4, 12).double(), ["trace", "reference"], [1], repeats=2)
+
+def test_compare_refuses_the_reference_elbo_for_a_likelihood_it_has_no_formula_for_before_drawing():
+    from pyro_vae.compare import compare_estimators
+    from pyro_vae.likelihoods import Likelihood
+
+    class Laplace(Likelihood):
+        name = "laplace"
+
+        def pixel_distribution(self, loc):
+            return pyro.distributions.Laplace(loc, 1.0)
+
+    vae = VAE(x_dim=12, z_dim=3, hidden=(16,), likelihood=Laplace((12,))).double()
+    state = torch.random.get_rng_state()
+    with pytest.raises(ConfigError, match="the reference ELBO has no formula for the likelihood 'laplace'"):
+        compare_estimators(vae, binary_batch(4, 12).double(), ["trace", "reference"], [1], repeats=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_active_units_of_a_flow_do_not_count_the_noise_of_its_monte_carlo_means():
