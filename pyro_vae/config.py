@@ -12,11 +12,14 @@ from .checks import check_count, data_dir_path, plain_value
 from .errors import ConfigError
 from .names import (
     ARCHITECTURES,
+    DATA_OPTIONS,
     DEFAULT_FLOW_STEPS,
     DEFAULT_PSEUDO_INPUTS,
     DEFAULT_STEP,
+    DEFAULT_TEST_FRACTION,
     GUIDES,
     LATENT_OPTIONS,
+    LAYOUTS,
     LIKELIHOOD_OPTIONS,
     LIKELIHOODS,
     PRIORS,
@@ -54,6 +57,10 @@ class TrainConfig:
     seed: int = 0
     max_train: int | None = None  # use the first N training images (quick runs)
     max_test: int | None = None
+    test_fraction: float = DEFAULT_TEST_FRACTION  # of a folder or array without a test split: held out at random
+    image_size: tuple[int, int] | None = None  # --dataset folder: resize and centre-crop every image to (H, W)
+    layout: str | None = None  # --dataset array: "NCHW" or "NHWC", where the array's shape does not tell
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the data, filled by the trainer (None: 1x28x28)
     # where and how: not part of the run's identity, may change on resume
     device: str = "auto"
     data_dir: str | None = None
@@ -66,7 +73,10 @@ class TrainConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):  # numpy scalars as Python numbers (config.json holds them)
             setattr(self, field.name, plain_value(getattr(self, field.name)))
-        self.hidden = tuple(map(plain_value, self.hidden)) if isinstance(self.hidden, (list, tuple)) else self.hidden
+        for name in ("hidden", "image_size", "image_shape"):  # config.json holds lists
+            value = getattr(self, name)
+            setattr(self, name, tuple(map(plain_value, value)) if isinstance(value, (list, tuple)) else value)
+        self.binarize_by_default = self.binarize is None  # colour data are binarized only when asked (not a field)
         self.dataset = dataset_name(self.dataset)
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
@@ -84,6 +94,22 @@ class TrainConfig:
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
+        for name, sides in (("image_size", 2), ("image_shape", 3)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, tuple) and len(value) == sides):
+                raise ConfigError(f"{name} must be {sides} positive integers, got {value!r}")
+            for side in value or ():
+                check_count(f"a size in {name}", side)
+        if (
+            isinstance(self.test_fraction, bool)
+            or not isinstance(self.test_fraction, (int, float))
+            or not 0 < self.test_fraction < 1
+        ):
+            raise ConfigError(
+                f"the test fraction must be a number between 0 and 1 (exclusive), got {self.test_fraction}"
+            )
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if not isinstance(self.hidden, tuple):
             raise ConfigError(f"hidden layer widths must be a list of positive integers, got {self.hidden!r}")
         for width in self.hidden:
@@ -119,9 +145,11 @@ class TrainConfig:
         """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a
         likelihood, prior or guide that this run does not use (``normal_scale`` for a Bernoulli
         run, ``flow_steps`` without the iaf guide)."""
-        owners = {
-            option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()
-        } | LATENT_OPTIONS
+        owners = (
+            {option: ("likelihood", likelihood) for option, likelihood in LIKELIHOOD_OPTIONS.items()}
+            | LATENT_OPTIONS
+            | DATA_OPTIONS
+        )
         for option, (field, choice) in owners.items():
             if option in given and getattr(self, field) != choice:
                 flag = "--" + option.replace("_", "-")
@@ -134,12 +162,15 @@ class TrainConfig:
         setting, such as ``mixture_components``, only for the likelihood that reads it; likewise
         ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide)."""
         ignored = {k for k, likelihood in LIKELIHOOD_OPTIONS.items() if likelihood != self.likelihood}
-        ignored |= {k for k, (field, choice) in LATENT_OPTIONS.items() if getattr(self, field) != choice}
+        ignored |= {
+            k for k, (field, choice) in (LATENT_OPTIONS | DATA_OPTIONS).items() if getattr(self, field) != choice
+        }
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
+        for name in ("hidden", "image_size", "image_shape"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod

@@ -403,9 +403,11 @@ class VAE(nn.Module):
 
 
 def build_vae(config) -> VAE:
-    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes."""
+    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes: images of its
+    ``image_shape`` (1x28x28 for a run saved before it was recorded), flattened for the mlp."""
+    image_shape = tuple(config.image_shape or IMAGE_SHAPE)
     return VAE(
-        x_dim=math.prod(IMAGE_SHAPE),
+        x_shape=image_shape if config.architecture == "conv" else (math.prod(image_shape),),
         z_dim=config.z_dim,
         prior=config.prior,
         pseudo_inputs=config.pseudo_inputs,

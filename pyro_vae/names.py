@@ -3,7 +3,11 @@ so that ``pyro-vae --help`` answers without loading torch."""
 
 from .errors import ConfigError, DataError
 
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
+# data set -> its torchvision class; folder and array are the user's own files (--data-dir names them)
+IDX_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # read as IDX files
+DATASETS = {**IDX_DATASETS, "cifar10": "CIFAR10", "svhn": "SVHN", "folder": None, "array": None}
+LAYOUTS = ("NCHW", "NHWC")  # how a 4-D array of images is ordered: channels first or last
+DEFAULT_TEST_FRACTION = 0.1  # of a folder or array without a test split of its own, held out at random
 # likelihood -> what its log p(x) is of: "binary" (a mass on binarized pixels), "8bit" (a mass on the
 # 256 levels of each pixel) or "density" (a density on continuous pixels: not a probability, no bits/dim)
 DATA_KINDS = {
@@ -26,6 +30,7 @@ GUIDES = ("gaussian", "iaf")  # q(z|x): a diagonal Gaussian, or one followed by 
 DEFAULT_PSEUDO_INPUTS, DEFAULT_FLOW_STEPS = 500, 2
 # setting -> (the field that chooses, the one choice that reads the setting)
 LATENT_OPTIONS = {"pseudo_inputs": ("prior", "vamp"), "flow_steps": ("guide", "iaf")}
+DATA_OPTIONS = {"image_size": ("dataset", "folder"), "layout": ("dataset", "array")}
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 TRAIN_ESTIMATORS = ("trace", "meanfield", "iwae")  # renyi tempers its weights under minibatch scaling: compare only
 ARCHITECTURES = ("mlp", "conv")
@@ -73,5 +78,8 @@ def dataset_name(name: str) -> str:
     ``fashion_mnist``); :class:`~pyro_vae.errors.DataError` listing the valid names otherwise."""
     canonical = str(name).strip().lower().replace("-", "_")
     if canonical not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (fashion-mnist is accepted too)")
+        raise DataError(
+            f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (fashion-mnist is accepted too; folder "
+            "and array read your own images from --data-dir)"
+        )
     return canonical
