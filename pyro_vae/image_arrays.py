@@ -142,13 +142,14 @@ def read_array_file(path: Path, layout: str | None = None) -> FileData:
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, strings and numpy arrays only: a CIFAR batch needs nothing else."""
+    """Builds dicts, lists, strings, bytes and numpy arrays only: a CIFAR batch needs nothing else."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 writes bytes from Python 3
     }
 
     def find_class(self, module: str, name: str):

@@ -109,8 +109,8 @@ def read_image_folder(folder: Path, image_size: tuple[int, int] | None = None, p
     if len(present) == 1:
         other = SPLITS[1 - SPLITS.index(present[0])]
         raise DataError(
-            f"{folder} has a {present[0]}/ subfolder but no {other}/; add {other}/ with its images, or rename "
-            f"{present[0]}/ to hold out a random test split"
+            f"{folder / present[0]} is a split but {folder} has no {other}/ beside it; add {other}/ with its images, "
+            f"or rename {present[0]}/ to hold out a random test split"
         )
     roots = {s: folder / s for s in SPLITS} if present else {"all": folder}
     files = {split: image_files(root) for split, root in roots.items()}
