@@ -328,7 +328,7 @@ class RunFolder:
 
     def is_fresh_for(self, config: TrainConfig) -> bool:
         """Absent, empty, or holding only this very config (a run stopped before its first
-        checkpoint, with nothing to lose by starting it again)."""
+        checkpoint, with nothing to lose by starting it again), whatever ``image_shape`` it took from the data."""
         if not self.path.exists():
             return True
         contents = sorted(p.name for p in self.path.iterdir() if not p.name.endswith(".tmp") and p.name != self.LOCK)
@@ -337,7 +337,8 @@ class RunFolder:
         if contents != [self.CONFIG]:
             return False
         try:
-            return json.loads((self.path / self.CONFIG).read_text()) == config.to_dict()
+            saved, given = json.loads((self.path / self.CONFIG).read_text()), config.to_dict()
+            return isinstance(saved, dict) and {**saved, "image_shape": None} == {**given, "image_shape": None}
         except (ValueError, OSError):
             return False
 

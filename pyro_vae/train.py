@@ -125,13 +125,13 @@ class Trainer:
             raise ConfigError("a new run needs its TrainConfig; config=None is for resuming a run")
         config.validate()
         self.progress = progress and self.parallel.is_main
-        self.dataset = dataset_for(config, progress=self.progress)  # the model takes the data's image shape
-        self.config = config = config if resume else config_for_data(config, self.dataset)
         if not resume and not self.folder.is_fresh_for(config):
             raise ConfigError(
                 f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or "
                 "choose another --run-dir"
             )
+        self.dataset = dataset_for(config, progress=self.progress)  # the model takes the data's image shape
+        self.config = config = config if resume else config_for_data(config, self.dataset)
         load_torchvision()  # it draws every epoch's figures: refused now rather than after the first epoch
         self.device = self.parallel.device(config.device)
         flags = "--hidden, --z-dim, --num-particles or --batch-size"

@@ -247,6 +247,15 @@ def test_a_bad_array_is_refused_in_one_line_naming_the_file(tmp_path, case):
     assert words in message and str(tmp_path / "bad.npz") in message and "\n" not in message, message
 
 
+def test_an_option_of_another_source_is_refused_by_the_command_line(tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    assert main(["train", "--dataset", "mnist", "--image-size", "8", "8", "--run-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "--image-size is for --dataset folder; this run's dataset is mnist: leave --image-size out" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unreadable_array_file_and_misplaced_options_are_refused(tmp_path):
     (tmp_path / "x.npy").write_bytes(b"not numpy")
     with pytest.raises(DataError, match=r"x\.npy: cannot be read as a numpy \.npy file"):
@@ -380,3 +389,24 @@ def test_the_command_line_trains_evaluates_and_samples_a_folder_of_colour_images
     assert record["bits_per_dim"] == pytest.approx(-record["test_log_likelihood"] / (3 * 8 * 8 * np.log(2)), rel=1e-9)
     assert main(["sample", str(run), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
     assert Image.open(tmp_path / "s.png").mode in ("RGB", "RGBA")
+
+
+@pytest.mark.slow  # about 10 s: three short trainings
+def test_a_run_on_a_folder_resumes_bit_for_bit_and_refuses_a_changed_folder(tmp_path, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    folder = colour_folder(tmp_path / "images")
+    train = ["train", "--dataset", "folder", "--data-dir", str(folder), "--likelihood", "discretized_logistic"]
+    train += ["--batch-size", "8", "--z-dim", "2", "--hidden", "16", "--step", "eager", "--no-progress"]
+    assert main([*train, "--epochs", "2", "--run-dir", str(tmp_path / "whole")]) == 0
+    assert main([*train, "--epochs", "1", "--run-dir", str(tmp_path / "halves")]) == 0
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "halves"), "--epochs", "2", "--no-progress"]) == 0
+    rows = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("whole", "halves")]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "step"}
+    assert [strip(r) for r in rows[0]] == [strip(r) for r in rows[1]]
+    (folder / "red" / "1.png").rename(folder / "red" / "one.png")  # same pixels, another name
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "halves"), "--epochs", "3"]) == 2
+    assert "was trained on other data" in capsys.readouterr().err
