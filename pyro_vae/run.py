@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .data import DeviceBatches, ImageDataset, load_dataset
 from .errors import ConfigError, DataError
 from .model import VAE, build_vae
+from .networks import IMAGE_SHAPE
 from .runtime import resolve_device
 
 
@@ -64,8 +65,9 @@ def dataset_for(config: TrainConfig, data_dir: str | None = None, progress: bool
 
 
 def config_for_data(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
-    """``config`` with the ``image_shape`` of ``dataset`` filled in; :class:`DataError` if it names
-    another shape, or if colour images would be binarized without ``binarize`` set explicitly."""
+    """``config`` with the ``image_shape`` of ``dataset`` filled in (left None for 1x28x28, what None
+    means, so that MNIST-family configurations stay as given); :class:`DataError` if it names another
+    shape, or if colour images would be binarized without ``binarize`` set explicitly."""
     shape = dataset.image_shape
     if config.image_shape not in (None, shape):
         raise DataError(
@@ -78,6 +80,8 @@ def config_for_data(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
             f"channel by channel; use --likelihood discretized_logistic for 8-bit colour, or pass --binarize "
             f"{config.binarize} to binarize them"
         )
+    if config.image_shape is None and shape == IMAGE_SHAPE:
+        return config
     return dataclasses.replace(config, image_shape=shape)
 
 
