@@ -31,6 +31,7 @@ from .names import (
     DATASETS,
     DEFAULT_TIMEOUT_S,
     ESTIMATORS,
+    LAYOUTS,
     SAVED_MODELS,
     STEP_MODES,
     TRAIN_ESTIMATORS,
@@ -111,12 +112,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset",
         type=dataset_choice,
         metavar="{" + ",".join(DATASETS) + "}",
-        help=f"image data set; fashion-mnist is accepted too (default {d.dataset})",
+        help="image data set: folder (your PNG/JPEG images) and array (your .npy/.npz file) read --data-dir; "
+        f"fashion-mnist is accepted too (default {d.dataset})",
     )
     a(
         "--data-dir",
-        help="folder with the four IDX files (plain or .gz) or torchvision's layout; only this folder is used "
-        "(default: ~/.cache/pyro-vae/data, then the system's data sets)",
+        help="for folder: the folder of images (class subfolders give labels, train/ and test/ the splits); for "
+        "array: the .npy or .npz file; otherwise the folder with the data set's files (IDX, CIFAR-10 batches, "
+        "SVHN .mat) or torchvision's layout; only this place is used (default: ~/.cache/pyro-vae/data, then the "
+        "system's data sets)",
+    )
+    a(
+        "--test-fraction",
+        type=_number(float, 1e-9, 1 - 1e-9),
+        help="for folder or array data without a test split of their own: the fraction held out at random for "
+        f"testing, the same for every run (default {d.test_fraction})",
+    )
+    a(
+        "--image-size",
+        type=positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="for --dataset folder: resize (bicubic) and centre-crop every image to H x W (default: all images "
+        "must have one size)",
+    )
+    a(
+        "--layout",
+        choices=LAYOUTS,
+        help="for --dataset array: the order of a 4-D array, channels first or last (default: from its shape)",
     )
     a(
         "--download",
@@ -445,7 +468,8 @@ def sample_command(args: argparse.Namespace) -> int:
         Path(out).resolve().parent == run.folder.path.resolve()
     )  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
-        plot_image_grid(run.vae.generate(args.num).cpu(), out, title="samples from the prior: mean of p(x|z), z ~ p(z)")
+        title = "samples from the prior: mean of p(x|z), z ~ p(z)"
+        plot_image_grid(run.vae.generate(args.num).cpu(), out, title=title, image_shape=run.config.image_shape)
     print(f"written: {out}")
     return 0
 
@@ -494,7 +518,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",
-        help="train a VAE with SVI on MNIST-family images",
+        help="train a VAE with SVI on images: MNIST family, CIFAR-10, SVHN, your own folder or array",
         description="Train a VAE with SVI; writes a run folder with config, metrics, checkpoint and figures.",
         formatter_class=Formatter,
     )

@@ -12,7 +12,10 @@ from .checks import check_count, data_dir_path, plain_value
 from .errors import ConfigError
 from .names import (
     ARCHITECTURES,
+    DATA_OPTIONS,
     DEFAULT_STEP,
+    DEFAULT_TEST_FRACTION,
+    LAYOUTS,
     STEP_MODES,
     TRAIN_ESTIMATORS,
     check_binarization,
@@ -35,6 +38,10 @@ def with_option_settings(cls: type) -> type:
     cls.__annotations__ = annotations
     settings_are_fields()
     return cls
+
+
+# settings read by one choice of another field, beyond the registry's: setting -> (field, choice)
+CHOSEN_SETTINGS = {**DATA_OPTIONS, "lr_patience": ("lr_schedule", "plateau")}
 
 
 @dataclasses.dataclass
@@ -68,6 +75,10 @@ class TrainConfig:
     seed: int = 0
     max_train: int | None = None  # use the first N training images (quick runs)
     max_test: int | None = None
+    test_fraction: float = DEFAULT_TEST_FRACTION  # of a folder or array without a test split: held out at random
+    image_size: tuple[int, int] | None = None  # --dataset folder: resize and centre-crop every image to (H, W)
+    layout: str | None = None  # --dataset array: "NCHW" or "NHWC", where the array's shape does not tell
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the data, filled by the trainer (None: 1x28x28)
     # where and how: not part of the run's identity, may change on resume
     early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
     device: str = "auto"
@@ -81,7 +92,10 @@ class TrainConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):  # numpy scalars as Python numbers (config.json holds them)
             setattr(self, field.name, plain_value(getattr(self, field.name)))
-        self.hidden = tuple(map(plain_value, self.hidden)) if isinstance(self.hidden, (list, tuple)) else self.hidden
+        for name in ("hidden", "image_size", "image_shape"):  # config.json holds lists
+            value = getattr(self, name)
+            setattr(self, name, tuple(map(plain_value, value)) if isinstance(value, (list, tuple)) else value)
+        self.binarize_by_default = self.binarize is None  # colour data are binarized only when asked (not a field)
         self.dataset = dataset_name(self.dataset)
         option("likelihood", self.likelihood)  # its data kind sets the default binarization
         if self.binarize is None:
@@ -100,6 +114,22 @@ class TrainConfig:
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
+        for name, sides in (("image_size", 2), ("image_shape", 3)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, tuple) and len(value) == sides):
+                raise ConfigError(f"{name} must be {sides} positive integers, got {value!r}")
+            for side in value or ():
+                check_count(f"a size in {name}", side)
+        if (
+            isinstance(self.test_fraction, bool)
+            or not isinstance(self.test_fraction, (int, float))
+            or not 0 < self.test_fraction < 1
+        ):
+            raise ConfigError(
+                f"the test fraction must be a number between 0 and 1 (exclusive), got {self.test_fraction}"
+            )
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if not isinstance(self.hidden, tuple):
             raise ConfigError(f"hidden layer widths must be a list of positive integers, got {self.hidden!r}")
         for width in self.hidden:
@@ -166,33 +196,30 @@ class TrainConfig:
 
     def check_options_given(self, given) -> None:
         """:class:`ConfigError` if ``given`` (names of settings a user set) holds a setting of a
-        likelihood, prior or guide that this run does not use (``normal_scale`` for a Bernoulli
-        run, ``flow_steps`` without the iaf guide)."""
-        for owner, setting in settings():
-            chosen = getattr(self, owner.kind)
-            if setting.name in given and chosen != owner.name:
-                flag = setting.flag
+        likelihood, prior, guide, data set or schedule that this run does not use (``normal_scale``
+        for a Bernoulli run, ``flow_steps`` without the iaf guide, ``lr_patience`` without plateau)."""
+        owners = [(setting.name, setting.flag, owner.kind, owner.name) for owner, setting in settings()]
+        owners += [(name, "--" + name.replace("_", "-"), *chooser) for name, chooser in CHOSEN_SETTINGS.items()]
+        for name, flag, field, choice in owners:
+            if name in given and getattr(self, field) != choice:
+                chooser = "--" + field.replace("_", "-")
                 raise ConfigError(
-                    f"{flag} is for --{owner.kind} {owner.name}; this run's {owner.kind} is {chosen}: leave {flag} out"
+                    f"{flag} is for {chooser} {choice}; this run's {field} is {getattr(self, field)}: leave {flag} out"
                 )
-        if "lr_patience" in given and self.lr_schedule != "plateau":
-            raise ConfigError(
-                f"--lr-patience is for --lr-schedule plateau; this run's lr_schedule is {self.lr_schedule}: leave "
-                "--lr-patience out"
-            )
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (a likelihood's own
         setting, such as ``mixture_components``, only for the likelihood that reads it; likewise
-        ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide)."""
+        ``pseudo_inputs`` only for the vamp prior, ``flow_steps`` only for the iaf guide, and
+        :data:`CHOSEN_SETTINGS` only for the choice that reads them)."""
         ignored = {setting.name for owner, setting in settings() if getattr(self, owner.kind) != owner.name}
-        if self.lr_schedule != "plateau":
-            ignored.add("lr_patience")
+        ignored |= {name for name, (field, choice) in CHOSEN_SETTINGS.items() if getattr(self, field) != choice}
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and k not in ignored}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
+        for name in ("hidden", "image_size", "image_shape"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod

@@ -1,13 +1,18 @@
-"""Image datasets (MNIST, Fashion-MNIST, KMNIST), binarization and device-resident minibatches.
+"""Image data sets from every source, binarization and device-resident minibatches.
 
-Every local file is read by one function, :func:`read_idx` (plain or gzipped IDX), which checks
-the header's sizes while streaming, before allocating. torchvision is used to *download* (into its
-``<Class>/raw`` layout, which is then read by :func:`read_idx` like any other folder). An explicit
-``data_dir`` is the only place looked in: a wrong one is refused, never silently replaced by
-another copy of the data. Each :class:`ImageDataset` carries a content fingerprint, so a run can
-tell whether it is given the data it was trained on. Minibatching keeps one split on the
-training device as uint8 and converts per batch; every random choice is seeded from
-``(seed, epoch)`` so a resumed run sees the same batches as an uninterrupted one.
+Sources (:func:`load_dataset`): MNIST, Fashion-MNIST and KMNIST as IDX files, CIFAR-10 and SVHN in
+their own formats (:mod:`pyro_vae.image_arrays`), a folder of PNG/JPEG images
+(:mod:`pyro_vae.image_folder`) and a numpy ``.npy``/``.npz`` file. Every one gives an
+:class:`ImageDataset` of uint8 images ``(N, C, H, W)``. Each IDX file is read by :func:`read_idx`
+(plain or gzipped), which checks the header's sizes while streaming, before allocating.
+torchvision is used to *download* (into its own layout, which is then read here like any other
+folder). An explicit ``data_dir`` is the only place looked in: a wrong one is refused, never
+silently replaced by another copy of the data. Each :class:`ImageDataset` carries a content
+fingerprint, so a run can tell whether it is given the data it was trained on. A folder or array
+without a test split of its own has ``test_fraction`` of its images held out by a permutation
+seeded with :data:`SPLIT_SEED` (the same for every run, so that runs compare on one test set).
+Minibatching keeps one split on the training device as uint8 and converts per batch; every random
+choice is seeded from ``(seed, epoch)`` so a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 
 from .checks import check_count, data_dir_path
 from .errors import ConfigError, DataError
-from .names import DATASETS, check_binarization_name, dataset_name
+from .image_arrays import FileData, find_cifar10, find_svhn, read_array_file, read_cifar10, read_svhn
+from .image_folder import read_image_folder
+from .names import DATASETS, DEFAULT_TEST_FRACTION, IDX_DATASETS, check_binarization_name, dataset_name
 from .networks import IMAGE_SHAPE
 from .runtime import resolve_device
 
@@ -50,13 +57,32 @@ _SYSTEM_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
 # before anything is allocated (a small gzip can claim gigabytes).
 MAX_IDX_BYTES = 2_000_000 * 28 * 28
 
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
 # Independent random streams derived from one seed.
 _STREAM_ORDER, _STREAM_DYNAMIC, _STREAM_STATIC, _STREAM_EVAL, _STREAM_VALIDATION = range(5)
+# The seed of the held-out test split of a folder or array that has none: one split for every run.
+SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Train and test splits: uint8 images (N, 28, 28), int64 labels (N,), their origin and fingerprint."""
+    """Train and test splits: uint8 images (N, C, H, W), int64 labels (N,), their origin and fingerprint.
+
+    ``classes`` names the labels where the source does (class subfolders, CIFAR-10's meta file);
+    ``file_digest`` is a SHA-256 of the files the images were decoded from (an image folder's names,
+    sizes and bytes), which the fingerprint covers too."""
 
     name: str
     source: str
@@ -64,14 +90,25 @@ class ImageDataset:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    classes: tuple[str, ...] | None = None
+    file_digest: str | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.train_images.shape[1:])
 
     def fingerprint(self) -> str:
-        """SHA-256 of the four arrays' bytes (about 0.1 s for Fashion-MNIST): the same data gives the
-        same fingerprint whether it was read from gzipped, plain or torchvision files."""
+        """SHA-256 of the four arrays' bytes (about 0.1 s for Fashion-MNIST) and of the files they were
+        decoded from: the same data gives the same fingerprint whether it was read from gzipped, plain or
+        torchvision files. Grey images hash as ``(N, H, W)``, as before colour, so older runs keep theirs."""
         digest = hashlib.sha256()
         for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
-            digest.update(str(tuple(t.shape)).encode())
+            shape = tuple(t.shape[:1] + t.shape[2:]) if t.dim() == 4 and t.shape[1] == 1 else tuple(t.shape)
+            digest.update(str(shape).encode())
             digest.update(t.contiguous().numpy().tobytes())
+        if self.file_digest is not None:
+            digest.update(self.file_digest.encode())
         return digest.hexdigest()[:16]
 
 
@@ -158,8 +195,9 @@ def _load_idx_dir(name: str, directory: Path, files: dict[str, Path]) -> ImageDa
             raise DataError(f"{source}: {images.shape[0]} {split} images but labels of shape {tuple(labels.shape)}")
         if images.shape[0] == 0:
             raise DataError(f"{source}: the {split} split has no images")
-    arrays = {k: v if k.endswith("images") else v.to(torch.int64) for k, v in arrays.items()}
-    return ImageDataset(name=name, source=source, **arrays)
+    arrays = {k: v.unsqueeze(1) if k.endswith("images") else v.to(torch.int64) for k, v in arrays.items()}
+    classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else None
+    return ImageDataset(name=name, source=source, classes=classes, **arrays)
 
 
 def _not_found(name: str, looked: list[Path], root: Path, explicit: bool) -> DataError:
@@ -175,19 +213,50 @@ def _not_found(name: str, looked: list[Path], root: Path, explicit: bool) -> Dat
     )  # one line, as every error
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageDataset:
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    *,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    image_size: tuple[int, int] | None = None,
+    layout: str | None = None,
+    progress: bool = True,
+) -> ImageDataset:
     """Load a dataset's train and test splits.
 
-    With ``data_dir``, looks only there: in ``data_dir``, ``data_dir/<name>/`` and torchvision's
-    ``data_dir/<Class>/raw/``, and downloads into it if ``download``. Without it, looks in
-    :func:`default_data_dir` the same way, then in :data:`SYSTEM_DATA_DIRS`. Raises
-    :class:`DataError` listing every place looked if nothing is found.
+    ``"folder"`` reads the images under the folder ``data_dir`` (resized to ``image_size = (H, W)``
+    if given; a progress bar if that takes more than a few seconds and ``progress``), ``"array"``
+    the ``.npy``/``.npz`` file ``data_dir`` (``layout``: ``"NCHW"`` or ``"NHWC"`` where the shape
+    does not tell); either holds out ``test_fraction`` of its images when it has no test split.
+    For the others, with ``data_dir``, looks only there (``data_dir``, ``data_dir/<name>/`` and
+    torchvision's layout: ``<Class>/raw/`` for IDX, ``cifar-10-batches-py/``) and downloads into it
+    if ``download``. Without it, looks in :func:`default_data_dir` the same way, then in
+    :data:`SYSTEM_DATA_DIRS`. Raises :class:`DataError` listing every place looked if nothing is found.
     """
     name = dataset_name(name)
+    if image_size is not None and name != "folder":
+        raise ConfigError(f"image_size (--image-size) resizes the images of --dataset folder, not {name}: leave it out")
+    if layout is not None and name != "array":
+        raise ConfigError(f"layout (--layout) orders the arrays of --dataset array, not {name}: leave it out")
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ConfigError(f"the test fraction must be a number between 0 and 1 (exclusive), got {test_fraction!r}")
+    if name in ("folder", "array"):
+        if data_dir is None:
+            what = "the folder of your images" if name == "folder" else "your .npy or .npz file"
+            raise DataError(f"--dataset {name} reads your own images: pass --data-dir with {what}")
+        path = data_dir_path(data_dir)
+        if name == "folder":
+            read = read_image_folder(path, _image_size(image_size), progress)
+        else:
+            read = read_array_file(path, layout)
+        return _from_files(name, read, test_fraction)
     explicit = data_dir is not None
     root = data_dir_path(data_dir) if explicit else default_data_dir()
     if explicit and root.exists() and not root.is_dir():
         raise DataError(f"--data-dir {root} is a file, not a folder")
+    if name not in IDX_DATASETS:
+        return _from_files(name, _torchvision_files(name, root, download), test_fraction)
     raw = root / DATASETS[name] / "raw"
     places = [root, root / name, raw, *(() if explicit else SYSTEM_DATA_DIRS.get(name, ()))]
     for directory in places:
@@ -196,22 +265,84 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
             return _load_idx_dir(name, directory.resolve(), files)
     if not download:
         raise _not_found(name, places, root, explicit)
-    from .runtime import load_torchvision  # only to download: it is slow to import
-
-    torchvision = load_torchvision()
-    try:
-        getattr(torchvision.datasets, DATASETS[name])(root=str(root), train=True, download=True)
-    except (OSError, RuntimeError) as e:
-        raise DataError(
-            f"downloading {name!r} into {root} failed ({' '.join(str(e).split())}). "
-            f"{_not_found(name, places, root, explicit)}"
-        ) from e
+    _download(name, root, {"train": True}, lambda e: _not_found(name, places, root, explicit))
     files = _find_idx_files(raw)
     if files is None:
         raise DataError(
             f"torchvision reported a download of {name!r} but {raw} lacks its IDX files; delete {raw} and try again"
         )
     return _load_idx_dir(name, raw.resolve(), files)
+
+
+def _image_size(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2):
+        raise ConfigError(f"image_size must be (H, W), two sizes in pixels, got {image_size!r}")
+    return tuple(check_count("a side of image_size", side) for side in image_size)
+
+
+def _download(name: str, root: Path, options: dict, not_found) -> None:
+    """Download ``name`` into ``root`` with its torchvision class; :class:`DataError` if that fails."""
+    from .runtime import load_torchvision  # only to download: it is slow to import
+
+    torchvision = load_torchvision()
+    try:
+        getattr(torchvision.datasets, DATASETS[name])(root=str(root), download=True, **options)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"downloading {name!r} into {root} failed ({' '.join(str(e).split())}). {not_found(e)}") from e
+
+
+def _torchvision_files(name: str, root: Path, download: bool) -> FileData:
+    """CIFAR-10 or SVHN in their own formats under ``root``, downloaded there first if asked and absent."""
+    find, read = (find_cifar10, read_cifar10) if name == "cifar10" else (find_svhn, read_svhn)
+    splits = ({"train": True}, {"train": False}) if name == "cifar10" else ({"split": "train"}, {"split": "test"})
+    wanted = "data_batch_1 to 5 and test_batch" if name == "cifar10" else "train_32x32.mat and test_32x32.mat"
+    sub = "cifar-10-batches-py" if name == "cifar10" else "svhn"
+
+    def not_found(_=None) -> DataError:
+        return DataError(
+            f"dataset {name!r} not found: no {wanted} in {root} or {root / sub}; pass --download to fetch it with "
+            f"torchvision (needs internet; it saves into {root}), or --data-dir with the folder that holds them"
+        )
+
+    folder = find(root)
+    if folder is None and download:
+        for options in splits:
+            _download(name, root, options, not_found)
+        folder = find(root)
+    if folder is None:
+        raise not_found()
+    return read(folder)
+
+
+def _from_files(name: str, read: FileData, test_fraction: float) -> ImageDataset:
+    """The :class:`ImageDataset` of ``read``: its own splits, or ``test_fraction`` of its images held
+    out by a permutation seeded with :data:`SPLIT_SEED` (the rest kept in their order)."""
+    splits = read.splits
+    if set(splits) != {"train", "test"}:
+        (images, labels), n = next(iter(splits.values())), len(next(iter(splits.values()))[0])
+        n_test = round(n * test_fraction)
+        if not 1 <= n_test < n:
+            raise DataError(
+                f"{read.source}: a test fraction of {test_fraction:g} of its {n} images gives {n_test} test and "
+                f"{n - n_test} training images; pass a --test-fraction that leaves at least one of each, or add images"
+            )
+        order = np.random.default_rng(SPLIT_SEED).permutation(n)
+        test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+        splits = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+    shapes = {split: images.shape[1:] for split, (images, _) in splits.items()}
+    if shapes["train"] != shapes["test"]:
+        raise DataError(
+            f"{read.source}: train images are {shapes['train']} but test images {shapes['test']} (C, H, W); give both "
+            "splits one image size"
+        )
+    tensors = {
+        f"{split}_{kind}": torch.from_numpy(a)
+        for split, pair in splits.items()
+        for kind, a in zip(("images", "labels"), pair)
+    }
+    return ImageDataset(name=name, source=read.source, classes=read.classes, file_digest=read.digest, **tensors)
 
 
 def _generator(seed: int, stream: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -236,8 +367,8 @@ def held_out(n: int, size: int, seed: int) -> torch.Tensor:
 class DeviceBatches:
     """One split on the training device, served as seeded minibatches of float32 pixels.
 
-    Images are stored as uint8 on ``device`` and converted per batch to float32 in [0, 1],
-    shaped (B, H*W) if ``flatten`` else (B, 1, H, W). ``epoch(e)`` is a function of
+    Images (N, H, W) or (N, C, H, W) are stored as uint8 (N, C, H, W) on ``device`` and converted
+    per batch to float32 in [0, 1], shaped (B, C*H*W) if ``flatten`` else (B, C, H, W). ``epoch(e)`` is a function of
     ``(seed, e)`` only: the permutation and the dynamic-binarization draws come from fresh
     generators seeded from them. Preparations: "none" keeps the 8-bit levels ``k / 255``;
     "threshold" is x > 0.5; "static" is one Bernoulli draw made here from ``seed``; "dynamic"
@@ -260,8 +391,10 @@ class DeviceBatches:
         device: torch.device | str = "cpu",
     ) -> None:
         check_binarization_name(binarization)
-        if images.dtype != torch.uint8 or images.dim() != 3:
-            raise DataError(f"images must be uint8 of shape (N, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise DataError(
+                f"images must be uint8 of shape (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != images.shape[:1]:
             raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
         batch_size, seed = check_count("batch_size", batch_size), check_count("seed", seed, 0, 2**63 - 1)
@@ -271,7 +404,7 @@ class DeviceBatches:
         self.shuffle, self.drop_last, self.flatten = shuffle, drop_last, flatten
         self.device = resolve_device(device)  # refused here if it cannot be used
         self.labels = labels.to(self.device, torch.int64)
-        images = images.to(self.device)
+        images = (images.unsqueeze(1) if images.dim() == 3 else images).to(self.device)
         self._scale = 255.0
         if binarization == "threshold":
             images, self._scale = (images.float() / 255.0 > 0.5).to(torch.uint8), 1.0
@@ -298,7 +431,12 @@ class DeviceBatches:
         return self._shaped(x)
 
     def _shaped(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) if self.flatten else x.unsqueeze(1)
+        return x.flatten(1) if self.flatten else x
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image, whether batches are flattened or not."""
+        return tuple(self._images.shape[1:])
 
     @property
     def eight_bit(self) -> bool:

@@ -427,10 +427,12 @@ class VAE(nn.Module):
 
 
 def build_vae(config) -> VAE:
-    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes, with the settings of
-    every registered option (each option reads its own)."""
+    """The untrained VAE a :class:`~pyro_vae.config.TrainConfig` describes: images of its
+    ``image_shape`` (1x28x28 for a run saved before it was recorded), flattened for the mlp, with the
+    settings of every registered option (each option reads its own)."""
+    image_shape = tuple(config.image_shape or IMAGE_SHAPE)
     return VAE(
-        x_dim=math.prod(IMAGE_SHAPE),
+        x_shape=image_shape if config.architecture == "conv" else (math.prod(image_shape),),
         z_dim=config.z_dim,
         architecture=config.architecture,
         hidden=config.hidden,

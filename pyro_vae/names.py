@@ -4,8 +4,14 @@ so that ``pyro-vae --help`` answers without loading torch."""
 from .errors import ConfigError, DataError
 from .options import choices, data_kind
 
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # -> torchvision class
+# data set -> its torchvision class; folder and array are the user's own files (--data-dir names them)
+IDX_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}  # read as IDX files
+DATASETS = {**IDX_DATASETS, "cifar10": "CIFAR10", "svhn": "SVHN", "folder": None, "array": None}
+LAYOUTS = ("NCHW", "NHWC")  # how a 4-D array of images is ordered: channels first or last
+DEFAULT_TEST_FRACTION = 0.1  # of a folder or array without a test split of its own, held out at random
 LIKELIHOODS = choices("likelihood")  # the library's own; pyro_vae.options holds them, and any registered later
+# setting -> (the field that chooses, the one choice that reads the setting)
+DATA_OPTIONS = {"image_size": ("dataset", "folder"), "layout": ("dataset", "array")}
 ESTIMATORS = ("trace", "meanfield", "iwae", "renyi")
 TRAIN_ESTIMATORS = ("trace", "meanfield", "iwae")  # renyi tempers its weights under minibatch scaling: compare only
 ARCHITECTURES = ("mlp", "conv")
@@ -54,5 +60,8 @@ def dataset_name(name: str) -> str:
     ``fashion_mnist``); :class:`~pyro_vae.errors.DataError` listing the valid names otherwise."""
     canonical = str(name).strip().lower().replace("-", "_")
     if canonical not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (fashion-mnist is accepted too)")
+        raise DataError(
+            f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (fashion-mnist is accepted too; folder "
+            "and array read your own images from --data-dir)"
+        )
     return canonical

@@ -1,7 +1,9 @@
 """PNG figures of a VAE training run: ELBO curves, image grids, reconstructions, latent space, and
 :func:`draw_run_figures`, the set a training run redraws every epoch.
 
-Every function takes plain tensors, arrays or lists, writes one PNG atomically (creating parent
+Images are grey, ``(N, H, W)``, ``(N, 1, H, W)`` or flat ``(N, H*W)`` of a square, or RGB, ``(N, 3, H, W)``;
+flat images of any other shape are read with ``image_shape=(C, H, W)``. Every function takes plain
+tensors, arrays or lists, writes one PNG atomically (creating parent
 directories; a symlink at the target is replaced, not followed) and returns its path. Grids are
 tiled by torchvision's ``make_grid``. Figures are built as ``matplotlib.figure.Figure``
 objects rendered by Agg, never through pyplot, so no global figure state is touched and
@@ -21,19 +23,6 @@ from matplotlib.ticker import MaxNLocator
 from .checkpoint import replace_atomically
 from .errors import ConfigError, DataError
 from .runtime import seeded
-
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 _DPI = 100
 _PAD = 2  # pixels between tiles of an image grid
@@ -61,11 +50,18 @@ def _save(fig, path):
     return path
 
 
-def _as_images(images, what="images"):
-    """(N, H*W), (N, 1, H, W) or (N, H, W) pixel values as a float (N, H, W) array clamped to [0, 1]."""
+def _as_images(images, what="images", image_shape=None):
+    """(N, H*W), (N, 1, H, W) or (N, H, W) pixel values as a float (N, H, W) array, (N, 3, H, W) as
+    (N, H, W, 3), clamped to [0, 1]; flat images (N, C*H*W) as ``image_shape`` (C, H, W) says."""
     arr = _numpy(images).astype(np.float64)
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
+    if image_shape is not None and arr.ndim == 2:
+        if arr.shape[1] != np.prod(image_shape):
+            raise DataError(f"{what} of shape {tuple(arr.shape)} are not flat images of shape {tuple(image_shape)}")
+        arr = arr.reshape(arr.shape[0], *image_shape)
+    if arr.ndim == 4 and arr.shape[1] in (1, 3):
+        arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
+    elif arr.ndim == 4:
+        raise DataError(f"{what} of shape {tuple(arr.shape)}: images need 1 (grey) or 3 (RGB) channels")
     elif arr.ndim == 2:
         side = isqrt(arr.shape[1])
         if side * side != arr.shape[1]:
@@ -74,10 +70,10 @@ def _as_images(images, what="images"):
                 "(784 for 28x28); pass (N, H, W) or (N, 1, H, W) for other sizes"
             )
         arr = arr.reshape(arr.shape[0], side, side)
-    if arr.ndim != 3 or arr.shape[0] == 0 or 0 in arr.shape[1:]:
+    if arr.ndim not in (3, 4) or arr.shape[0] == 0 or 0 in arr.shape[1:]:
         raise DataError(
-            f"{what} of shape {tuple(arr.shape)}: expected a non-empty batch of grayscale images "
-            "shaped (N, 784), (N, 1, 28, 28) or (N, 28, 28)"
+            f"{what} of shape {tuple(arr.shape)}: expected a non-empty batch of grey images shaped (N, 784), "
+            "(N, 1, 28, 28) or (N, 28, 28), or of RGB images (N, 3, H, W)"
         )
     if not np.isfinite(arr).all():
         raise DataError(f"{what} contain NaN or infinite pixel values; check the model's outputs")
@@ -85,24 +81,30 @@ def _as_images(images, what="images"):
 
 
 def _tile(images, ncol, pad=_PAD):
-    """One 2-D array of (N, H, W) images laid out row by row, ``ncol`` per row, ``pad`` pixels apart
-    (torchvision's ``make_grid``, without its outer border)."""
+    """One image of (N, H, W) grey or (N, H, W, 3) RGB images laid out row by row, ``ncol`` per row,
+    ``pad`` pixels apart (torchvision's ``make_grid``, without its outer border): (H', W') or (H', W', 3)."""
     from .runtime import load_torchvision
 
-    grid = (
-        load_torchvision()
-        .utils.make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=pad, pad_value=_PAD_VALUE)[0]
-        .numpy()
-    )
+    colour = images.ndim == 4
+    tensor = torch.from_numpy(images)
+    tensor = tensor.permute(0, 3, 1, 2) if colour else tensor.unsqueeze(1)
+    grid = load_torchvision().utils.make_grid(tensor, nrow=ncol, padding=pad, pad_value=_PAD_VALUE)
+    grid = grid.permute(1, 2, 0).numpy() if colour else grid[0].numpy()
     return grid[pad : grid.shape[0] - pad, pad : grid.shape[1] - pad] if pad else grid
 
 
+def _show(ax, grid):
+    """``grid`` on ``ax``: grey levels in [0, 1] as such, or RGB."""
+    grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if grid.ndim == 2 else {}
+    ax.imshow(grid, interpolation="nearest", **grey)
+
+
 def _grid_figure(grid, ncol, title=None):
-    """A figure showing a tiled grayscale ``grid``, ``ncol`` images wide, without ticks."""
+    """A figure showing a tiled grey or RGB ``grid``, ``ncol`` images wide, without ticks."""
     width = max(2.0, ncol * _INCHES_PER_TILE)
     fig = Figure(figsize=(width, width * grid.shape[0] / grid.shape[1]), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    _show(ax, grid)
     ax.set_axis_off()
     if title is not None:
         ax.set_title(title)
@@ -135,13 +137,13 @@ def plot_elbo_curves(metrics, path):
     return _save(fig, path)
 
 
-def plot_image_grid(images, path, nrow=None, title=None):
-    """A grid of grayscale images with ``nrow`` images per row (as torchvision's ``make_grid``).
+def plot_image_grid(images, path, nrow=None, title=None, image_shape=None):
+    """A grid of grey or RGB images with ``nrow`` images per row (as torchvision's ``make_grid``).
 
     By default the grid is square-ish: ceil(sqrt(N)) images per row. Pixel values are
-    clamped to [0, 1].
+    clamped to [0, 1]. ``image_shape``: the (C, H, W) of flat images.
     """
-    images = _as_images(images)
+    images = _as_images(images, image_shape=image_shape)
     n = len(images)
     ncol = isqrt(n - 1) + 1 if nrow is None else int(nrow)
     if ncol < 1:
@@ -151,14 +153,15 @@ def plot_image_grid(images, path, nrow=None, title=None):
     return _save(fig, path)
 
 
-def plot_reconstructions(originals, reconstructions, path, ncol=8):
+def plot_reconstructions(originals, reconstructions, path, ncol=8, image_shape=None):
     """Originals and their reconstructions in pairs of rows, ``ncol`` images wide.
 
     Each row of originals is followed by the row of their reconstructions, so 16 images
     make four rows: originals 0-7, reconstructions 0-7, originals 8-15, reconstructions 8-15.
+    ``image_shape``: the (C, H, W) of flat images.
     """
-    originals = _as_images(originals, "originals")
-    reconstructions = _as_images(reconstructions, "reconstructions")
+    originals = _as_images(originals, "originals", image_shape)
+    reconstructions = _as_images(reconstructions, "reconstructions", image_shape)
     if originals.shape != reconstructions.shape:
         raise DataError(
             f"{len(originals)} originals of size {originals.shape[1:]} but {len(reconstructions)} "
@@ -166,25 +169,26 @@ def plot_reconstructions(originals, reconstructions, path, ncol=8):
         )
     if ncol < 1:
         raise ConfigError(f"ncol={ncol}: the number of images per row must be at least 1")
-    n, h, w = originals.shape
+    n, shape = len(originals), originals.shape[1:]  # (h, w) or (h, w, 3)
     ncol = min(ncol, n)
     pairs = -(-n // ncol)
-    blank = np.full((pairs * ncol - n, h, w), _PAD_VALUE)
+    blank = np.full((pairs * ncol - n, *shape), _PAD_VALUE)
     rows = np.stack(
         [np.concatenate([originals, blank]), np.concatenate([reconstructions, blank])]
-    )  # (2, pairs * ncol, h, w)
-    interleaved = rows.reshape(2, pairs, ncol, h, w).transpose(1, 0, 2, 3, 4).reshape(-1, h, w)
+    )  # (2, pairs * ncol, *shape)
+    interleaved = np.swapaxes(rows.reshape(2, pairs, ncol, *shape), 0, 1).reshape(-1, *shape)
     fig = _grid_figure(_tile(interleaved, ncol), ncol, "test images (top) and reconstructions (bottom)")
     return _save(fig, path)
 
 
-def plot_latent_manifold(decode, path, n=20, z_range=None):
+def plot_latent_manifold(decode, path, n=20, z_range=None, image_shape=None):
     """The decoded manifold of a 2-D latent space (Kingma & Welling 2013, Fig. 4).
 
     ``decode`` maps a (n*n, 2) float tensor of latent points (on the CPU) to (n*n, H*W)
-    pixel means in [0, 1]. Each axis takes ``n`` values: the standard-normal quantiles of
-    probabilities evenly spaced from 0.05 to 0.95, or ``torch.linspace(*z_range, n)`` when
-    ``z_range=(low, high)`` is given. z1 runs left to right and z2 bottom to top.
+    pixel means in [0, 1] (or (n*n, C*H*W) read as ``image_shape``, or images (n*n, C, H, W)).
+    Each axis takes ``n`` values: the standard-normal quantiles of probabilities evenly spaced
+    from 0.05 to 0.95, or ``torch.linspace(*z_range, n)`` when ``z_range=(low, high)`` is given.
+    z1 runs left to right and z2 bottom to top.
     """
     if n < 2:
         raise ConfigError(f"n={n}: the manifold needs at least 2 points per latent axis")
@@ -200,13 +204,13 @@ def plot_latent_manifold(decode, path, n=20, z_range=None):
     z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
     with torch.no_grad():
         decoded = decode(z)
-    images = _as_images(decoded, "decoded images")
+    images = _as_images(decoded, "decoded images", image_shape)
     if len(images) != n * n:
         raise DataError(f"decode returned {len(images)} images for {n * n} latent points")
-    h, w = images.shape[1:]
+    h, w = images.shape[1:3]
     fig = Figure(figsize=(8, 8), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(_tile(images, n, pad=0), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    _show(ax, _tile(images, n, pad=0))
     ticks = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
     labels = [f"{values[k].item():.2f}" for k in ticks]
     ax.set_xticks((ticks + 0.5) * w - 0.5, labels)
@@ -260,22 +264,29 @@ def plot_latent_scatter(z, labels, path, class_names=None):
 
 
 @torch.no_grad()
-def draw_run_figures(vae, test_batches, metrics, folder, dataset: str, seed: int) -> None:
+def draw_run_figures(vae, test_batches, metrics, folder, class_names, seed: int) -> None:
     """A run's figures in ``folder`` (a :class:`~pyro_vae.run.RunFolder` or path): ELBO curves,
     test reconstructions, prior samples drawn from ``seed`` and, for ``z_dim == 2``, the latent
-    manifold and the test encodings coloured by label."""
+    manifold and the test encodings coloured by label (named by ``class_names``, if not None),
+    all images in the test split's shape, grey or RGB."""
     folder = Path(getattr(folder, "path", folder))
+    shape = test_batches.image_shape
     vae.eval()
     plot_elbo_curves(metrics, folder / "elbo.png")
     x, _ = next(test_batches.eval_batches())
-    plot_reconstructions(x[:32].cpu(), vae.reconstruct(x[:32]).cpu(), folder / "reconstructions.png")
+    reconstructions = vae.reconstruct(x[:32]).cpu()
+    plot_reconstructions(x[:32].cpu(), reconstructions, folder / "reconstructions.png", image_shape=shape)
     with seeded(vae.prior_loc.device, seed):
         plot_image_grid(
-            vae.generate(64).cpu(), folder / "samples.png", title="samples from the prior: mean of p(x|z), z ~ p(z)"
+            vae.generate(64).cpu(),
+            folder / "samples.png",
+            title="samples from the prior: mean of p(x|z), z ~ p(z)",
+            image_shape=shape,
         )
     if vae.z_dim == 2:
         decode = lambda z: vae.likelihood(vae.decoder(z.to(vae.prior_loc))).mean.reshape(z.shape[0], -1).cpu()
-        plot_latent_manifold(decode, folder / "manifold.png")
+        plot_latent_manifold(decode, folder / "manifold.png", image_shape=shape)
         codes = torch.cat([vae.encoder(xb)[0].cpu() for xb, _ in test_batches.eval_batches()])
-        names = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else None
-        plot_latent_scatter(codes, test_batches.labels.cpu(), folder / "latent_scatter.png", class_names=names)
+        labels = test_batches.labels.cpu()
+        names = class_names if class_names is not None and len(class_names) > labels.max() else None
+        plot_latent_scatter(codes, labels, folder / "latent_scatter.png", class_names=names)

@@ -31,6 +31,7 @@ from .data import DeviceBatches, ImageDataset, held_out, load_dataset
 from .errors import ConfigError, DataError
 from .model import VAE, build_vae
 from .names import SAVED_MODELS
+from .networks import IMAGE_SHAPE
 from .runtime import resolve_device
 
 
@@ -56,6 +57,40 @@ def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device
         flatten=config.architecture == "mlp",
         device=device,
     )
+
+
+def dataset_for(config: TrainConfig, data_dir: str | None = None, progress: bool = False) -> ImageDataset:
+    """The data set ``config`` names, read from ``data_dir`` (default: the run's own ``config.data_dir``)."""
+    return load_dataset(
+        config.dataset,
+        config.data_dir if data_dir is None else data_dir,
+        config.download,
+        test_fraction=config.test_fraction,
+        image_size=config.image_size,
+        layout=config.layout,
+        progress=progress,
+    )
+
+
+def config_for_data(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
+    """``config`` with the ``image_shape`` of ``dataset`` filled in (left None for 1x28x28, what None
+    means, so that MNIST-family configurations stay as given); :class:`DataError` if it names another
+    shape, or if colour images would be binarized without ``binarize`` set explicitly."""
+    shape = dataset.image_shape
+    if config.image_shape not in (None, shape):
+        raise DataError(
+            f"the configuration's image_shape {config.image_shape} is not the data's {shape} ({dataset.source}); "
+            "leave image_shape out to take the data's"
+        )
+    if shape[0] > 1 and config.binarize not in ("none", "dequantize") and config.binarize_by_default:
+        raise DataError(
+            f"{dataset.source} holds colour images, which the {config.likelihood} likelihood would binarize "
+            f"channel by channel; use --likelihood discretized_logistic for 8-bit colour, or pass --binarize "
+            f"{config.binarize} to binarize them"
+        )
+    if config.image_shape is None and shape == IMAGE_SHAPE:
+        return config
+    return dataclasses.replace(config, image_shape=shape)
 
 
 def data_identity(dataset: ImageDataset) -> dict[str, str]:
@@ -325,7 +360,7 @@ class RunFolder:
 
     def is_fresh_for(self, config: TrainConfig) -> bool:
         """Absent, empty, or holding only this very config (a run stopped before its first
-        checkpoint, with nothing to lose by starting it again)."""
+        checkpoint, with nothing to lose by starting it again), whatever ``image_shape`` it took from the data."""
         if not self.path.exists():
             return True
         contents = sorted(p.name for p in self.path.iterdir() if not p.name.endswith(".tmp") and p.name != self.LOCK)
@@ -334,7 +369,8 @@ class RunFolder:
         if contents != [self.CONFIG]:
             return False
         try:
-            return json.loads((self.path / self.CONFIG).read_text()) == config.to_dict()
+            saved, given = json.loads((self.path / self.CONFIG).read_text()), config.to_dict()
+            return isinstance(saved, dict) and {**saved, "image_shape": None} == {**given, "image_shape": None}
         except (ValueError, OSError):
             return False
 
@@ -422,8 +458,7 @@ class SavedRun:
         self, data_dir: str | None = None, allow_different_data: bool = False
     ) -> tuple[DeviceBatches, dict[str, str]]:
         """:meth:`test_split` and the identity (:func:`data_identity`) of the data it was read from."""
-        folder = data_dir if data_dir is not None else self.config.data_dir
-        dataset = load_dataset(self.config.dataset, folder, self.config.download)
+        dataset = dataset_for(self.config, data_dir)
         found = data_identity(dataset)
         check_same_data(self.folder.path, self.data, found, allow_different_data)
         return split_batches(self.config, dataset, "test", self.vae.prior_loc.device), found

@@ -32,7 +32,7 @@ from torch.distributions import kl_divergence
 
 from . import distributed
 from .config import TrainConfig
-from .data import DeviceBatches, load_dataset
+from .data import DeviceBatches
 from .errors import ConfigError, DistributedError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
@@ -40,7 +40,7 @@ from .kl_weight import elbo_loss
 from .launcher import launched
 from .memory import check_step_memory
 from .model import build_vae
-from .run import RunFolder, check_same_data, data_identity, split_batches
+from .run import RunFolder, check_same_data, config_for_data, data_identity, dataset_for, split_batches
 from .runtime import InterruptWatch, interrupts_deferred, load_torchvision, preserved_rng, rng_state, set_rng_state
 from .schedule import best_epoch, epochs_without_improvement, learning_rate
 from .step import TrainingStep
@@ -126,12 +126,14 @@ class Trainer:
         elif config is None:
             raise ConfigError("a new run needs its TrainConfig; config=None is for resuming a run")
         config.validate()
-        self.config, self.progress = config, progress and self.parallel.is_main
+        self.progress = progress and self.parallel.is_main
         if not resume and not self.folder.is_fresh_for(config):
             raise ConfigError(
                 f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or "
                 "choose another --run-dir"
             )
+        self.dataset = dataset_for(config, progress=self.progress)  # the model takes the data's image shape
+        self.config = config = config if resume else config_for_data(config, self.dataset)
         load_torchvision()  # it draws every epoch's figures: refused now rather than after the first epoch
         self.device = self.parallel.device(config.device)
         flags = "--hidden, --z-dim, --num-particles or --batch-size"
@@ -149,7 +151,6 @@ class Trainer:
         self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
         if planned is None:  # built for real: its values are allocated, Adam's two moments and the gradients not yet
             check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, flags, parameter_copies=3)
-        self.dataset = load_dataset(config.dataset, config.data_dir, config.download)
         self.data = data_identity(self.dataset)
         if state is not None:
             check_same_data(self.folder.path, state["data"], self.data, allow_different_data)
@@ -182,6 +183,8 @@ class Trainer:
         if config is None:
             config = dataclasses.replace(saved, **changes)
             config.check_options_given(changes)
+        elif config.image_shape is None:  # the data's shape, as the run recorded it
+            config = dataclasses.replace(config, image_shape=saved.image_shape)
         before = saved.identity()
         changed = {k: (before[k], v) for k, v in config.identity().items() if before.get(k) != v}
         if changed:
@@ -394,7 +397,7 @@ class Trainer:
         self.folder.write_config(self.config)
         self.folder.write_metrics(self.metrics)
         self.folder.mark_evaluation_stale(len(self.metrics))
-        draw_run_figures(self.vae, self.test_batches, self.metrics, self.folder, self.config.dataset, self.config.seed)
+        draw_run_figures(self.vae, self.test_batches, self.metrics, self.folder, self.dataset.classes, self.config.seed)
 
     def close(self) -> None:
         """Release the run folder's lock (the process's end does too)."""

@@ -90,9 +90,9 @@ def test_corrupt_idx_file_names_the_file(tmp_path, data_dir, capsys):
 
 
 def test_unknown_dataset_is_refused_by_the_parser(capsys):
-    assert main(["train", "--dataset", "cifar10"]) == 2
+    assert main(["train", "--dataset", "imagenet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("pyro-vae: error: ") and "unknown dataset 'cifar10'" in err
+    assert err.count("\n") == 1 and err.startswith("pyro-vae: error: ") and "unknown dataset 'imagenet'" in err
 
 
 @pytest.mark.slow

@@ -163,7 +163,10 @@ TRAIN_OPTIONS = [
     (["--likelihood", "normal", "--normal-scale", "inf"], "a fixed normal scale must be a positive finite number, got inf"),
     (["--kl-anneal-epochs", "-1"], "argument --kl-anneal-epochs: -1 is out of range"),
     (["--max-train", "0"], "argument --max-train: 0 is out of range"),
-    (["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--test-fraction", "1"], "argument --test-fraction: 1 is out of range"),
+    (["--image-size", "0", "8"], "argument --image-size: 0 is out of range"),
+    (["--layout", "CHW"], "argument --layout: invalid choice: 'CHW'"),
     (["--likelihood", "poisson"], "invalid choice: 'poisson'"),
     (["--dist-timeout", "0"], "argument --dist-timeout: 0 is out of range"),
     (["--bogus-option"], "unrecognized arguments: --bogus-option"),
@@ -247,9 +250,10 @@ def test_evaluate_and_compare_beyond_memory_are_refused_naming_the_option(folder
     folder.assert_unchanged()
 
 
-def test_library_refuses_a_step_beyond_memory(tmp_path):
+def test_library_refuses_a_step_beyond_memory(tmp_path, data):
+    config = TrainConfig(dataset="mnist", data_dir=data / "idx", num_particles=10**7, batch_size=128, device="cpu")
     with pytest.raises(ConfigError, match="--num-particles"):
-        Trainer(TrainConfig(dataset="mnist", num_particles=10**7, batch_size=128, device="cpu"), tmp_path / "run", progress=False)
+        Trainer(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
