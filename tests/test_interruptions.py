@@ -186,7 +186,16 @@ def test_a_run_in_its_first_epoch_is_in_progress_for_evaluate_sample_and_compare
     assert "the run stopped before its first epoch ended" in capsys.readouterr().err
 
 
-def test_a_deferred_interrupt_comes_after_the_block_and_an_ignored_one_never():
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled as Python handles it by default, whatever this process inherited (a test run
+    started in the background by a shell inherits it ignored); the inherited handler restored after."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_deferred_interrupt_comes_after_the_block_and_an_ignored_one_never(python_sigint):
     """Real SIGINTs to this process: raised once the block is done, not inside it; and where SIGINT
     is ignored (a background job, nohup) the block leaves it ignored."""
     from pyro_vae.runtime import interrupts_deferred
@@ -207,7 +216,7 @@ def test_a_deferred_interrupt_comes_after_the_block_and_an_ignored_one_never():
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, reported
-def test_an_interrupt_python_swallowed_in_a_weakref_callback_is_raised_at_the_next_check():
+def test_an_interrupt_python_swallowed_in_a_weakref_callback_is_raised_at_the_next_check(python_sigint):
     """A real SIGINT that lands inside a weakref callback: Python prints "Exception ignored" and goes
     on (CI saw a training run finish with exit status 0 this way); the watch raises it at the next
     check, and leaves the previous handler in place when the loop ends."""
