@@ -157,6 +157,47 @@ def test_train_elbo_under_kl_annealing_is_the_elbo_and_the_objective_has_its_own
     assert row["train_objective"] - row["train_elbo"] > 0.5  # (1 - beta) KL with beta <= 1/2: what the old label hid
 
 
+@pytest.mark.parametrize("guide", ["gaussian", "iaf"])
+def test_the_annealing_gap_without_an_analytic_kl_is_one_minus_beta_times_the_kl_within_its_standard_error(
+    tmp_path, data, guide
+):
+    """A VampPrior has no analytic KL: the gap ELBO_beta - ELBO is (1 - beta) (log q(z|x) - log p(z))
+    at a draw of its own. Its mean over 400 calls against the KL by hand (q from the encoder, p the
+    mixture of the encoder's Gaussians at the pseudo-inputs, written from the formulas), within 4
+    standard errors of the two Monte Carlo means; training's RNG is left where it was."""
+    import math
+
+    from pyro_vae import TrainConfig
+    from pyro_vae.train import Trainer
+
+    config = TrainConfig(dataset="mnist", data_dir=str(data / "idx"), hidden=(32,), z_dim=3, batch_size=8, epochs=1,
+                         prior="vamp", pseudo_inputs=5, guide=guide, kl_anneal_epochs=2, device="cpu")
+    with Trainer(config, tmp_path / "run", progress=False) as trainer:
+        vae, x = trainer.vae, next(trainer.train_batches.epoch(0))[0]
+        torch.manual_seed(0)
+        with torch.no_grad():  # untrained, every q(z|x) is close to every component: spread them apart
+            for parameter in vae.encoder.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        gaps = []
+        for seed in range(400):  # training calls it at a new place in the stream every step
+            torch.manual_seed(seed)
+            gaps.append(trainer.objective_gap(x, 0.25))
+            assert torch.equal(torch.get_rng_state(), torch.manual_seed(seed).get_state())
+        gaps = torch.stack(gaps).double() / 0.75
+    with torch.no_grad():
+        q = vae.posterior(x)
+        z = q.sample((20000,))
+        log_q = q.log_prob(z).double()
+        loc, scale = (t.double() for t in vae.encoder(vae.prior_family.pseudo_inputs)[:2])
+        zd = z.double().unsqueeze(-2)  # (draws, images, 1, z_dim) against (K, z_dim)
+        log_components = (-0.5 * ((zd - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_p = torch.logsumexp(log_components, -1) - math.log(5)
+        kl_draws = (log_q - log_p).sum(-1)  # per draw, summed over the batch as the gap is
+    se = math.sqrt(gaps.var().item() / len(gaps) + kl_draws.var().item() / len(kl_draws))
+    assert abs(gaps.mean().item() - kl_draws.mean().item()) < 4 * se
+    assert kl_draws.mean().item() > 10 * se  # a KL well away from zero: the comparison has power
+
+
 def test_an_unannealed_epoch_logs_no_separate_objective(tmp_path, data, capsys):
     from pyro_vae.cli import main
 
