@@ -34,7 +34,8 @@ SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 class FileData(NamedTuple):
     """What a source read: ``splits`` maps ``"train"``/``"test"`` (or ``"all"``) to uint8 images
-    ``(N, C, H, W)`` and int64 labels ``(N,)``; ``source`` says where from; ``classes`` names the
+    ``(N, C, H, W)`` (or :class:`~pyro_vae.lazy_images.LazyImages` left on disk, over the memory
+    budget) and int64 labels ``(N,)``; ``source`` says where from; ``classes`` names the
     labels where the files do; ``digest`` is a SHA-256 of the files themselves where the images were
     decoded from them (so that the fingerprint covers names and bytes, not only pixels)."""
 
