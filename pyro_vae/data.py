@@ -21,7 +21,6 @@ same, and a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import math
@@ -124,8 +123,10 @@ class ImageDataset:
         from tqdm.auto import tqdm
 
         digest = hashlib.sha256()
-        bar = tqdm(total=self.nbytes, desc="fingerprinting the data", unit="B", unit_scale=True, delay=3)
-        with bar if progress and self.streamed else contextlib.nullcontext():
+        quiet = True if not (progress and self.streamed) else None  # None: shown where the output is a terminal
+        with tqdm(
+            total=self.nbytes, desc="fingerprinting the data", unit="B", unit_scale=True, delay=3, disable=quiet
+        ) as bar:
             for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
                 shape = tuple(t.shape[:1]) + tuple(t.shape[2:]) if t.dim() == 4 and t.shape[1] == 1 else tuple(t.shape)
                 digest.update(str(shape).encode())
