@@ -309,7 +309,8 @@ def train_command(args: argparse.Namespace) -> int:
                         "train more"
                     )
                     return 0
-            say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
+            data = f"{trainer.dataset.source}{trainer.train_batches.reading}"
+            say(f"run folder: {run_dir}\ndata: {data}\ndevice: {trainer.device}", flush=True)
             if parallel.world_size > 1:
                 say(
                     f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch "

@@ -445,6 +445,8 @@ class Batches:
         """The uint8 images and labels of ``order`` (CPU positions), ``size`` at a time, on the device."""
         raise NotImplementedError
 
+    reading = ""  # how the images are read, as the command line says after where they are from
+
     def __len__(self) -> int:
         """Number of batches per epoch."""
         return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)

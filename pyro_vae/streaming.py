@@ -78,6 +78,8 @@ class StreamedBatches(Batches):
         self.num_workers = default_workers() if num_workers is None else check_count("num_workers", num_workers, 0)
         self.labels = labels.to(torch.int64).cpu()
         self._source = images.cpu() if isinstance(images, torch.Tensor) else images
+        where = "host memory" if isinstance(images, torch.Tensor) else "disk"
+        self.reading = f", streamed from {where} by {self.num_workers} DataLoader workers (over the memory budget)"
 
     def _loaded(self, order: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pin = self.device.type == "cuda"

@@ -122,6 +122,7 @@ def test_the_memory_budget_decides_what_streams(tmp_path):
     config = TrainConfig(dataset="folder", data_dir=str(folder), data_memory=0, binarize="dynamic")
     with Trainer(config, tmp_path / "run", progress=False) as trainer:
         assert isinstance(trainer.train_batches, StreamedBatches) and trainer.dataset.streamed
+        assert trainer.train_batches.reading.startswith(", streamed from disk by ")  # what the command line says
     with pytest.raises(ConfigError, match="data_memory must be a number of GiB >= 0"):
         TrainConfig(data_memory=-1.0).validate()
 
