@@ -215,6 +215,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--max-test", type=positive_int, help="evaluate on the first N test images only (default: all)")
     a("--device", help="auto (the GPU if there is one), cpu, cuda or cuda:N (default auto)")
     a(
+        "--data-memory",
+        type=non_negative,
+        metavar="GIB",
+        help="GiB of images a run may hold in memory (on a GPU, in its memory); a folder or .npy file over it "
+        "streams from disk through DataLoader workers, with the same batches and results (default: half of the "
+        "memory free at the start)",
+    )
+    a(
+        "--data-workers",
+        type=_number(int, 0, what="a whole number"),
+        help="processes that read streamed data, 0 for the main process (default: the cores but one, at most 4)",
+    )
+    a(
         "--step",
         choices=STEP_MODES,
         help="how a training step runs: traced (a graph traced once from the Pyro model/guide, no Pyro work per "
@@ -296,7 +309,8 @@ def train_command(args: argparse.Namespace) -> int:
                         "train more"
                     )
                     return 0
-            say(f"run folder: {run_dir}\ndata: {trainer.dataset.source}\ndevice: {trainer.device}", flush=True)
+            data = f"{trainer.dataset.source}{trainer.train_batches.reading}"
+            say(f"run folder: {run_dir}\ndata: {data}\ndevice: {trainer.device}", flush=True)
             if parallel.world_size > 1:
                 say(
                     f"distributed: {parallel.world_size} processes, backend {parallel.backend}, global batch "

@@ -84,10 +84,21 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     download: bool = False
+    data_memory: float | None = None  # GiB of images held in memory; more stream from disk (None: half of what is free)
+    data_workers: int | None = None  # processes that read streamed data (None: pyro_vae.streaming.default_workers)
     # pyro_vae.step: "traced" (the graph traced from model/guide), "inductor" (compiled too), "eager" (Pyro's ELBO)
     step: str = DEFAULT_STEP
 
-    RUNTIME_FIELDS = ("epochs", "early_stopping", "device", "data_dir", "download", "step")
+    RUNTIME_FIELDS = (
+        "epochs",
+        "early_stopping",
+        "device",
+        "data_dir",
+        "download",
+        "data_memory",
+        "data_workers",
+        "step",
+    )
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # numpy scalars as Python numbers (config.json holds them)
@@ -161,6 +172,14 @@ class TrainConfig:
         self._validate_schedule()
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a name (auto, cpu, cuda or cuda:N), got {self.device!r}")
+        if self.data_memory is not None and (
+            isinstance(self.data_memory, bool)
+            or not isinstance(self.data_memory, (int, float))
+            or not (math.isfinite(self.data_memory) and self.data_memory >= 0)
+        ):
+            raise ConfigError(f"data_memory must be a number of GiB >= 0, got {self.data_memory!r}")
+        if self.data_workers is not None:
+            check_count("data_workers", self.data_workers, 0)
         if not isinstance(self.download, bool):
             raise ConfigError(f"download must be True or False, got {self.download!r}")
 

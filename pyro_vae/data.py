@@ -11,8 +11,12 @@ silently replaced by another copy of the data. Each :class:`ImageDataset` carrie
 fingerprint, so a run can tell whether it is given the data it was trained on. A folder or array
 without a test split of its own has ``test_fraction`` of its images held out by a permutation
 seeded with :data:`SPLIT_SEED` (the same for every run, so that runs compare on one test set).
-Minibatching keeps one split on the training device as uint8 and converts per batch; every random
-choice is seeded from ``(seed, epoch)`` so a resumed run sees the same batches as an uninterrupted one.
+Minibatching (:class:`Batches`) keeps one split on the training device as uint8 and converts per
+batch (:class:`DeviceBatches`), or, for data over the memory budget, reads it from disk through
+torch's ``DataLoader`` (:class:`~pyro_vae.streaming.StreamedBatches`; a folder's images and a
+``.npy`` file then stay on disk as :class:`~pyro_vae.lazy_images.LazyImages`). Either way every
+random choice is seeded from ``(seed, epoch)`` and drawn in the main process, so the batches are the
+same, and a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .checks import check_count, data_dir_path
 from .errors import ConfigError, DataError
 from .image_arrays import FileData, find_cifar10, find_svhn, read_array_file, read_cifar10, read_svhn
 from .image_folder import read_image_folder
+from .lazy_images import LazyImages
 from .names import DATASETS, DEFAULT_TEST_FRACTION, IDX_DATASETS, check_binarization_name, dataset_name
 from .networks import IMAGE_SHAPE
 from .runtime import resolve_device
@@ -82,13 +87,14 @@ class ImageDataset:
 
     ``classes`` names the labels where the source does (class subfolders, CIFAR-10's meta file);
     ``file_digest`` is a SHA-256 of the files the images were decoded from (an image folder's names,
-    sizes and bytes), which the fingerprint covers too."""
+    sizes and bytes), which the fingerprint covers too. Images over the memory budget are
+    :class:`~pyro_vae.lazy_images.LazyImages`, read from disk when needed (:attr:`streamed`)."""
 
     name: str
     source: str
-    train_images: torch.Tensor
+    train_images: torch.Tensor | LazyImages
     train_labels: torch.Tensor
-    test_images: torch.Tensor
+    test_images: torch.Tensor | LazyImages
     test_labels: torch.Tensor
     classes: tuple[str, ...] | None = None
     file_digest: str | None = None
@@ -98,15 +104,35 @@ class ImageDataset:
         """``(C, H, W)`` of one image."""
         return tuple(self.train_images.shape[1:])
 
-    def fingerprint(self) -> str:
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay on disk (:class:`~pyro_vae.lazy_images.LazyImages`), over the memory budget."""
+        return isinstance(self.train_images, LazyImages)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of both splits' uint8 images."""
+        return sum(math.prod(t.shape) for t in (self.train_images, self.test_images))
+
+    def fingerprint(self, progress: bool = False) -> str:
         """SHA-256 of the four arrays' bytes (about 0.1 s for Fashion-MNIST) and of the files they were
         decoded from: the same data gives the same fingerprint whether it was read from gzipped, plain or
-        torchvision files. Grey images hash as ``(N, H, W)``, as before colour, so older runs keep theirs."""
+        torchvision files, or streamed from disk (read a chunk at a time then, with a progress bar if
+        that takes more than a few seconds and ``progress``). Grey images hash as ``(N, H, W)``, as
+        before colour, so older runs keep theirs."""
+        from tqdm.auto import tqdm
+
         digest = hashlib.sha256()
-        for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
-            shape = tuple(t.shape[:1] + t.shape[2:]) if t.dim() == 4 and t.shape[1] == 1 else tuple(t.shape)
-            digest.update(str(shape).encode())
-            digest.update(t.contiguous().numpy().tobytes())
+        quiet = True if not (progress and self.streamed) else None  # None: shown where the output is a terminal
+        with tqdm(
+            total=self.nbytes, desc="fingerprinting the data", unit="B", unit_scale=True, delay=3, disable=quiet
+        ) as bar:
+            for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+                shape = tuple(t.shape[:1]) + tuple(t.shape[2:]) if t.dim() == 4 and t.shape[1] == 1 else tuple(t.shape)
+                digest.update(str(shape).encode())
+                for chunk in t.chunks() if isinstance(t, LazyImages) else [t.contiguous().numpy()]:
+                    digest.update(chunk.tobytes())
+                    bar.update(chunk.nbytes if isinstance(t, LazyImages) else 0)
         if self.file_digest is not None:
             digest.update(self.file_digest.encode())
         return digest.hexdigest()[:16]
@@ -222,6 +248,7 @@ def load_dataset(
     image_size: tuple[int, int] | None = None,
     layout: str | None = None,
     progress: bool = True,
+    memory_budget: int | None = None,
 ) -> ImageDataset:
     """Load a dataset's train and test splits.
 
@@ -233,6 +260,10 @@ def load_dataset(
     torchvision's layout: ``<Class>/raw/`` for IDX, ``cifar-10-batches-py/``) and downloads into it
     if ``download``. Without it, looks in :func:`default_data_dir` the same way, then in
     :data:`SYSTEM_DATA_DIRS`. Raises :class:`DataError` listing every place looked if nothing is found.
+
+    A folder or ``.npy`` file whose images take more than ``memory_budget`` bytes (default:
+    :func:`~pyro_vae.memory.data_memory_budget`) stays on disk (:attr:`ImageDataset.streamed`); the
+    other sources are read whole (the largest, SVHN, is about 0.2 GiB).
     """
     name = dataset_name(name)
     if image_size is not None and name != "folder":
@@ -246,10 +277,14 @@ def load_dataset(
             what = "the folder of your images" if name == "folder" else "your .npy or .npz file"
             raise DataError(f"--dataset {name} reads your own images: pass --data-dir with {what}")
         path = data_dir_path(data_dir)
+        if memory_budget is None:
+            from .memory import data_memory_budget
+
+            memory_budget = data_memory_budget()
         if name == "folder":
-            read = read_image_folder(path, _image_size(image_size), progress)
+            read = read_image_folder(path, _image_size(image_size), progress, memory_budget)
         else:
-            read = read_array_file(path, layout)
+            read = read_array_file(path, layout, memory_budget)
         return _from_files(name, read, test_fraction)
     explicit = data_dir is not None
     root = data_dir_path(data_dir) if explicit else default_data_dir()
@@ -338,7 +373,7 @@ def _from_files(name: str, read: FileData, test_fraction: float) -> ImageDataset
             "splits one image size"
         )
     tensors = {
-        f"{split}_{kind}": torch.from_numpy(a)
+        f"{split}_{kind}": a if isinstance(a, LazyImages) else torch.from_numpy(a)
         for split, pair in splits.items()
         for kind, a in zip(("images", "labels"), pair)
     }
@@ -364,22 +399,24 @@ def held_out(n: int, size: int, seed: int) -> torch.Tensor:
     return mask
 
 
-class DeviceBatches:
-    """One split on the training device, served as seeded minibatches of float32 pixels.
+class Batches:
+    """One split served as seeded minibatches of float32 pixels: what training and evaluation read.
 
-    Images (N, H, W) or (N, C, H, W) are stored as uint8 (N, C, H, W) on ``device`` and converted
-    per batch to float32 in [0, 1], shaped (B, C*H*W) if ``flatten`` else (B, C, H, W). ``epoch(e)`` is a function of
-    ``(seed, e)`` only: the permutation and the dynamic-binarization draws come from fresh
-    generators seeded from them. Preparations: "none" keeps the 8-bit levels ``k / 255``;
-    "threshold" is x > 0.5; "static" is one Bernoulli draw made here from ``seed``; "dynamic"
-    draws anew for every batch of every epoch; "dequantize" gives ``(k + u) / 256``, ``u ~ U[0, 1)``
-    drawn anew for every batch (Theis et al. 2016: training a density on dequantized pixels
-    maximizes a bound on the probability of the 8-bit data).
+    Images (N, C, H, W) are kept as uint8 (on the device: :class:`DeviceBatches`; on disk or in host
+    memory: :class:`~pyro_vae.streaming.StreamedBatches`) and converted per batch, on ``device``, to
+    float32 in [0, 1], shaped (B, C*H*W) if ``flatten`` else (B, C, H, W). ``epoch(e)`` is a
+    function of ``(seed, e)`` only: the permutation and the dynamic-binarization draws come from
+    fresh generators seeded from them, and are drawn here, batch after batch, whoever reads the
+    images. Preparations: "none" keeps the 8-bit levels ``k / 255``; "threshold" is x > 0.5;
+    "static" is one Bernoulli draw made once from ``seed``; "dynamic" draws anew for every batch of
+    every epoch; "dequantize" gives ``(k + u) / 256``, ``u ~ U[0, 1)`` drawn anew for every batch
+    (Theis et al. 2016: training a density on dequantized pixels maximizes a bound on the
+    probability of the 8-bit data).
     """
 
     def __init__(
         self,
-        images: torch.Tensor,
+        shape: tuple[int, ...],
         labels: torch.Tensor,
         batch_size: int,
         *,
@@ -391,42 +428,39 @@ class DeviceBatches:
         device: torch.device | str = "cpu",
     ) -> None:
         check_binarization_name(binarization)
-        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
-            raise DataError(
-                f"images must be uint8 of shape (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
-        if labels.shape != images.shape[:1]:
-            raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        if len(shape) not in (3, 4):
+            raise DataError(f"images must be uint8 of shape (N, H, W) or (N, C, H, W), got shape {tuple(shape)}")
+        if tuple(labels.shape) != tuple(shape[:1]):
+            raise DataError(f"{shape[0]} images but labels of shape {tuple(labels.shape)}")
         batch_size, seed = check_count("batch_size", batch_size), check_count("seed", seed, 0, 2**63 - 1)
-        if drop_last and batch_size > images.shape[0]:
-            raise ConfigError(f"batch_size {batch_size} exceeds the {images.shape[0]} examples with drop_last")
+        if drop_last and batch_size > shape[0]:
+            raise ConfigError(f"batch_size {batch_size} exceeds the {shape[0]} examples with drop_last")
         self.batch_size, self.binarization, self.seed = batch_size, binarization, seed
         self.shuffle, self.drop_last, self.flatten = shuffle, drop_last, flatten
         self.device = resolve_device(device)  # refused here if it cannot be used
-        self.labels = labels.to(self.device, torch.int64)
-        images = (images.unsqueeze(1) if images.dim() == 3 else images).to(self.device)
-        self._scale = 255.0
-        if binarization == "threshold":
-            images, self._scale = (images.float() / 255.0 > 0.5).to(torch.uint8), 1.0
-        elif binarization == "static":
-            gen = _generator(seed, _STREAM_STATIC, 0, self.device)
-            images, self._scale = torch.bernoulli(images.float() / 255.0, generator=gen).to(torch.uint8), 1.0
-        self._images = images
+        self.size, self._image_shape = shape[0], tuple(shape[1:]) if len(shape) == 4 else (1, *shape[1:])
+        self._scale = 255.0  # what divides the stored levels (1 where they are binarized already)
+
+    def _loaded(self, order: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The uint8 images and labels of ``order`` (CPU positions), ``size`` at a time, on the device."""
+        raise NotImplementedError
+
+    reading = ""  # how the images are read, as the command line says after where they are from
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
-        n = self._images.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 
-    def _pixels(self, index: torch.Tensor | slice, generator: torch.Generator | None) -> torch.Tensor:
-        """Float32 pixels of the selected images, binarized and shaped."""
-        images = self._images[index]
+    def _pixels(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Float32 pixels of the uint8 ``images``, binarized and shaped."""
         if self.binarization == "dequantize":
             u = torch.rand(images.shape, generator=generator, device=images.device)
             x = (images.float() + u) / 256.0
         else:
             x = images.float() / self._scale
-        if self.binarization == "dynamic":
+        if self.binarization == "threshold":
+            x = (x > 0.5).float()
+        elif self.binarization == "dynamic":
             x = torch.bernoulli(x, generator=generator)
         return self._shaped(x)
 
@@ -436,7 +470,7 @@ class DeviceBatches:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image, whether batches are flattened or not."""
-        return tuple(self._images.shape[1:])
+        return self._image_shape
 
     @property
     def eight_bit(self) -> bool:
@@ -447,29 +481,52 @@ class DeviceBatches:
         """The whole split's 8-bit levels ``k / 255`` in stored order (not binarized, not dequantized)."""
         if not self.eight_bit:
             raise DataError(f"a {self.binarization}-binarized split has no 8-bit levels")
-        return self._shaped(self._images.float() / 255.0)
+        stored = torch.arange(self.size)
+        return torch.cat([self._shaped(images.float() / 255.0) for images, _ in self._loaded(stored, self.batch_size)])
 
     def epoch(self, epoch_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(pixels, labels)`` minibatches; a function of ``(seed, epoch_index)`` only."""
-        n = self._images.shape[0]
         if self.shuffle:
-            order = torch.randperm(n, generator=_generator(self.seed, _STREAM_ORDER, epoch_index))
-            order = order.to(self.device)
+            order = torch.randperm(self.size, generator=_generator(self.seed, _STREAM_ORDER, epoch_index))
         else:
-            order = torch.arange(n, device=self.device)
+            order = torch.arange(self.size)
+        order = order[: len(self) * self.batch_size]  # drop_last leaves the rest out
         draws = _generator(self.seed, _STREAM_DYNAMIC, epoch_index, self.device)
-        for b in range(len(self)):
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self._pixels(index, draws), self.labels[index]
+        for images, labels in self._loaded(order, self.batch_size):
+            yield self._pixels(images, draws), labels
 
     def full(self) -> torch.Tensor:
-        """The whole split as float32 pixels in stored order, for evaluation.
-
-        With "dynamic" binarization this is one fixed draw seeded from ``seed`` alone (the
-        same on every call), so test metrics are comparable across epochs and runs.
-        """
-        return self._pixels(slice(None), _generator(self.seed, _STREAM_EVAL, 0, self.device))
+        """The whole split as float32 pixels in stored order, for evaluation: :meth:`eval_batches` joined."""
+        return torch.cat([x for x, _ in self.eval_batches()])
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`full` and the labels in stored order, split into chunks of ``batch_size``."""
-        yield from zip(self.full().split(self.batch_size), self.labels.split(self.batch_size))
+        """The split in stored order, ``batch_size`` images at a time, with the labels.
+
+        With "dynamic" binarization (and "dequantize") the draws come from one generator seeded from
+        ``seed`` alone (the same on every call), so test metrics are comparable across epochs and runs.
+        """
+        draws = _generator(self.seed, _STREAM_EVAL, 0, self.device)
+        for images, labels in self._loaded(torch.arange(self.size), self.batch_size):
+            yield self._pixels(images, draws), labels
+
+
+class DeviceBatches(Batches):
+    """:class:`Batches` of a split held on the training device: ``images`` (N, H, W) or (N, C, H, W)
+    uint8, moved there once (with "static" binarization, as its one Bernoulli draw)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, **kwargs) -> None:
+        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise DataError(
+                f"images must be uint8 of shape (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        super().__init__(tuple(images.shape), labels, batch_size, **kwargs)
+        self.labels = labels.to(self.device, torch.int64)
+        images = (images.unsqueeze(1) if images.dim() == 3 else images).to(self.device)
+        if self.binarization == "static":
+            gen = _generator(self.seed, _STREAM_STATIC, 0, self.device)
+            images, self._scale = torch.bernoulli(images.float() / 255.0, generator=gen).to(torch.uint8), 1.0
+        self._images = images
+
+    def _loaded(self, order: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in order.to(self.device).split(size):
+            yield self._images[index], self.labels[index]

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DataError, first_line
+from .lazy_images import ArrayReader, LazyImages
 from .names import LAYOUTS
 
 CHANNELS = (1, 3)  # grey or RGB
@@ -33,28 +34,29 @@ SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 class FileData(NamedTuple):
     """What a source read: ``splits`` maps ``"train"``/``"test"`` (or ``"all"``) to uint8 images
-    ``(N, C, H, W)`` and int64 labels ``(N,)``; ``source`` says where from; ``classes`` names the
+    ``(N, C, H, W)`` (or :class:`~pyro_vae.lazy_images.LazyImages` left on disk, over the memory
+    budget) and int64 labels ``(N,)``; ``source`` says where from; ``classes`` names the
     labels where the files do; ``digest`` is a SHA-256 of the files themselves where the images were
     decoded from them (so that the fingerprint covers names and bytes, not only pixels)."""
 
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    splits: dict[str, tuple[np.ndarray | LazyImages, np.ndarray]]
     source: str
     classes: tuple[str, ...] | None = None
     digest: str | None = None
 
 
-def images_nchw(array: np.ndarray, what: str, layout: str | None = None) -> np.ndarray:
-    """``array`` of uint8 images ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` as ``(N, C, H, W)``.
+def array_layout(array: np.ndarray, what: str, layout: str | None = None) -> str | None:
+    """How the uint8 images ``array`` are ordered: None for grey ``(N, H, W)``, else ``"NCHW"`` or ``"NHWC"``.
 
-    ``layout`` (``"NCHW"`` or ``"NHWC"``) says how a 4-D array is ordered; without it, the axis of
-    1 or 3 values is the channel axis, and a shape where axis 1 and axis 3 both could be is refused."""
+    ``layout`` says how a 4-D array is ordered; without it, the axis of 1 or 3 values is the channel
+    axis, and a shape where axis 1 and axis 3 both could be is refused. Reads the header only."""
     if array.dtype != np.uint8:
         raise DataError(
             f"{what} is {array.dtype}, not uint8: pass 8-bit images (0 to 255), e.g. (x * 255).round()"
             ".astype(np.uint8) for floats in [0, 1]"
         )
     if array.ndim == 3:
-        return np.ascontiguousarray(array[:, None])
+        return None
     if array.ndim != 4:
         raise DataError(f"{what} has shape {array.shape}; pass images shaped (N, H, W), (N, H, W, C) or (N, C, H, W)")
     if layout is None:
@@ -72,13 +74,29 @@ def images_nchw(array: np.ndarray, what: str, layout: str | None = None) -> np.n
         layout = "NCHW" if first else "NHWC"
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    images = array if layout == "NCHW" else array.transpose(0, 3, 1, 2)
-    if images.shape[1] not in CHANNELS:
+    channels = array.shape[1 if layout == "NCHW" else 3]
+    if channels not in CHANNELS:
         raise DataError(
-            f"{what} read as {layout} has {images.shape[1]} channels; pass 1 (grey) or 3 (RGB) channels, or the "
+            f"{what} read as {layout} has {channels} channels; pass 1 (grey) or 3 (RGB) channels, or the "
             f"other --layout ({' or '.join(LAYOUTS)})"
         )
-    return np.ascontiguousarray(images)
+    return layout
+
+
+def image_shape(shape: tuple[int, ...], layout: str | None) -> tuple[int, int, int]:
+    """``(C, H, W)`` of one image of an array of ``shape`` ordered as ``layout`` (:func:`array_layout`)."""
+    if layout is None:
+        return (1, *shape[1:])
+    return tuple(shape[1:]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
+
+
+def images_nchw(array: np.ndarray, what: str, layout: str | None = None) -> np.ndarray:
+    """``array`` of uint8 images ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` as ``(N, C, H, W)``
+    (the layout read by :func:`array_layout`)."""
+    layout = array_layout(array, what, layout)
+    if layout is None:
+        return np.ascontiguousarray(array[:, None])
+    return np.ascontiguousarray(array if layout == "NCHW" else array.transpose(0, 3, 1, 2))
 
 
 def checked_labels(labels: np.ndarray | None, count: int, what: str) -> np.ndarray:
@@ -94,6 +112,15 @@ def checked_labels(labels: np.ndarray | None, count: int, what: str) -> np.ndarr
     return labels.astype(np.int64)
 
 
+def _mapped_split(path: Path, array: np.ndarray, layout: str | None):
+    """The images of the memory-mapped ``.npy`` ``array`` as :class:`LazyImages`, with no labels."""
+    layout = array_layout(array, str(path), layout)
+    if array.shape[0] == 0:
+        raise DataError(f"{path} holds no images; pass at least one")
+    lazy = LazyImages(ArrayReader(path, layout), np.arange(array.shape[0]), image_shape(array.shape, layout))
+    return lazy, checked_labels(None, array.shape[0], "")
+
+
 def _split(images: np.ndarray, labels: np.ndarray | None, what: str, layout: str | None):
     images = images_nchw(images, what, layout)
     if images.shape[0] == 0:
@@ -101,16 +128,19 @@ def _split(images: np.ndarray, labels: np.ndarray | None, what: str, layout: str
     return images, checked_labels(labels, images.shape[0], f"the labels of {what}")
 
 
-def read_array_file(path: Path, layout: str | None = None) -> FileData:
+def read_array_file(path: Path, layout: str | None = None, memory_budget: int | None = None) -> FileData:
     """Images in a ``.npy`` file (one array: all images) or an ``.npz`` file holding ``train`` and
     optionally ``test``, ``train_labels``, ``test_labels``; or ``images`` and optionally ``labels``;
-    or one array of any name."""
+    or one array of any name. A ``.npy`` file larger than ``memory_budget`` bytes (None: no limit)
+    stays on disk, mapped into memory (:class:`~pyro_vae.lazy_images.LazyImages`); an ``.npz`` is
+    always read whole (its arrays are compressed members of a zip file, which cannot be mapped)."""
     if path.suffix not in (".npy", ".npz"):
         raise DataError(f"--data-dir {path}: for --dataset array pass a .npy or .npz file")
     if not path.is_file():
         raise DataError(f"--data-dir {path}: no such file; for --dataset array pass the .npy or .npz file itself")
+    mapped = path.suffix == ".npy" and memory_budget is not None and path.stat().st_size > memory_budget
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if mapped else None)
         if path.suffix == ".npy":
             arrays = {"images": loaded}
         else:
@@ -121,6 +151,8 @@ def read_array_file(path: Path, layout: str | None = None) -> FileData:
             f"{path}: cannot be read as a numpy {path.suffix} file ({first_line(e, with_type=False)}); write it with "
             f"numpy.{'save' if path.suffix == '.npy' else 'savez'}"
         ) from e
+    if mapped:
+        return FileData({"all": _mapped_split(path, loaded, layout)}, f"numpy file {path}")
     if len(arrays) == 1:
         arrays = {"images": next(iter(arrays.values()))}
     names = ("train", "test", "train_labels", "test_labels") if "train" in arrays else ("images", "labels")

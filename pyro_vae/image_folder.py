@@ -11,6 +11,11 @@ in colour, every image is RGB (palettes converted, alpha dropped). All images mu
 or are brought to ``image_size = (H, W)``: scaled by ``max(H / h, W / w)`` (bicubic) so that they
 cover it, then cropped at the centre. :class:`~pyro_vae.image_arrays.FileData`'s digest covers every
 file's path relative to the folder, its size and its bytes.
+
+Every image is decoded once while the folder is read (so a damaged one is refused before training);
+the pixels are kept only while they fit ``memory_budget`` bytes. A larger folder gives
+:class:`~pyro_vae.lazy_images.LazyImages` that decode each image again when a batch needs it
+(:func:`decoded_pixels`, the very conversion of the whole read), so the folder must not change during a run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +31,7 @@ import numpy as np
 
 from .errors import DataError, first_line
 from .image_arrays import FileData
+from .lazy_images import FolderReader, LazyImages
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA")
@@ -100,9 +107,12 @@ def _size_counts(sizes: dict[tuple[int, int], list[Path]]) -> str:
     return ", ".join(f"{len(paths)} of {h}x{w} (e.g. {paths[0]})" for (h, w), paths in ranked)
 
 
-def read_image_folder(folder: Path, image_size: tuple[int, int] | None = None, progress: bool = True) -> FileData:
+def read_image_folder(
+    folder: Path, image_size: tuple[int, int] | None = None, progress: bool = True, memory_budget: int | None = None
+) -> FileData:
     """The images under ``folder``: ``{"train": ..., "test": ...}`` from ``train/`` and ``test/``
-    subfolders if it has them, else ``{"all": ...}``; labels from class subfolders (0 without)."""
+    subfolders if it has them, else ``{"all": ...}``; labels from class subfolders (0 without).
+    Images of more than ``memory_budget`` bytes in all (None: no limit) stay on disk as :class:`LazyImages`."""
     if not folder.is_dir():
         raise DataError(f"--data-dir {folder}: not a folder; for --dataset folder pass the folder of your images")
     present = [s for s in SPLITS if (folder / s).is_dir()]
@@ -131,42 +141,71 @@ def read_image_folder(folder: Path, image_size: tuple[int, int] | None = None, p
             )
     names = sorted({_class_of(p, roots[s]) for s, paths in files.items() for p in paths} - {None})
     index = {name: i for i, name in enumerate(names)}
-    decoded, digest = _decode_all(folder, files, image_size, progress)
-    colour = any(image.mode == "RGB" for images in decoded.values() for image in images)
+    decoded, (h, w), colour, digest = _decode_all(folder, files, image_size, progress, memory_budget)
     splits = {}
-    for split, images in decoded.items():
-        pixels = np.stack([np.asarray(image.convert("RGB") if colour else image) for image in images])
-        pixels = pixels.transpose(0, 3, 1, 2) if colour else pixels[:, None]
-        labels = np.array([index.get(_class_of(p, roots[split]), 0) for p in files[split]], np.int64)
-        splits[split] = (np.ascontiguousarray(pixels), labels)
+    for split, paths in files.items():
+        labels = np.array([index.get(_class_of(p, roots[split]), 0) for p in paths], np.int64)
+        if decoded is None:
+            pixels = LazyImages(
+                FolderReader(paths, image_size, colour), np.arange(len(paths)), (3 if colour else 1, h, w)
+            )
+        else:
+            pixels = np.stack([_pixels(image, colour) for image in decoded[split]])
+        splits[split] = (pixels, labels)
     return FileData(splits, f"image folder {folder}", tuple(names) or None, digest)
 
 
-def _decode_all(folder: Path, files: dict[str, list[Path]], image_size, progress: bool):
-    """Every file decoded (one size checked), and the SHA-256 of paths, sizes and bytes."""
+def _pixels(image, colour: bool) -> np.ndarray:
+    """A decoded image's uint8 pixels (C, H, W), RGB if ``colour``."""
+    pixels = np.asarray(image.convert("RGB") if colour else image)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1) if colour else pixels[None])
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def decoded_pixels(path: Path, image_size: tuple[int, int] | None, colour: bool) -> np.ndarray:
+    """The uint8 pixels (C, H, W) of the image file ``path``, as reading its folder whole gives them."""
+    return _pixels(_decode(_read(path), path, image_size), colour)
+
+
+def _decode_all(folder: Path, files: dict[str, list[Path]], image_size, progress: bool, memory_budget: int | None):
+    """Every file decoded (one size checked): the decoded images per split (None once they outgrow
+    ``memory_budget`` bytes), their (H, W), whether any is in colour, and the SHA-256 of paths, sizes and bytes."""
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256(repr(image_size).encode())
-    decoded: dict[str, list] = {}
+    decoded: dict[str, list] | None = {split: [] for split in files}
     sizes: dict[tuple[int, int], list[Path]] = collections.defaultdict(list)
-    total = sum(map(len, files.values()))
+    total, kept, colour = sum(map(len, files.values())), 0, False
     with tqdm(total=total, desc=f"reading {folder}", unit="image", delay=3, disable=None if progress else True) as bar:
         for split, paths in files.items():
-            decoded[split] = []
             for path in paths:
-                try:
-                    data = path.read_bytes()
-                except OSError as e:
-                    raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+                data = _read(path)
                 digest.update(f"{path.relative_to(folder).as_posix()}\0{len(data)}\0".encode())
                 digest.update(data)
                 image = _decode(data, path, image_size)
                 sizes[(image.height, image.width)].append(path)
-                decoded[split].append(image)
+                colour |= image.mode == "RGB"
+                kept += image.height * image.width * (3 if colour else 1)
+                if decoded is not None and memory_budget is not None and kept > memory_budget:
+                    decoded = None  # too large to hold: the images will be decoded again when a batch needs them
+                if decoded is not None:
+                    decoded[split].append(image)
                 bar.update()
     if len(sizes) > 1:
         raise DataError(
             f"{folder} holds images of {len(sizes)} sizes: {_size_counts(sizes)}; pass --image-size H W to resize "
             "and centre-crop them to one"
         )
-    return decoded, digest.hexdigest()
+    if (
+        decoded is not None
+        and memory_budget is not None
+        and total * math.prod(next(iter(sizes))) * (3 if colour else 1) > memory_budget
+    ):
+        decoded = None  # grey images counted once turned out to be colour
+    return decoded, next(iter(sizes)), colour, digest.hexdigest()

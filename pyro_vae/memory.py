@@ -70,3 +70,37 @@ def check_step_memory(
             f"{what} need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where} on "
             f"{device}; lower {options}"
         )
+
+
+# the default share of the memory available when a run starts that its images may take
+DATA_MEMORY_SHARE = 0.5
+
+
+def data_memory_budget(gib: float | None = None, device: torch.device | str = "cpu") -> int:
+    """The bytes of uint8 images a run may hold in memory: ``gib`` GiB if given, else
+    :data:`DATA_MEMORY_SHARE` of the machine's available memory (``MemAvailable``) and, on a GPU,
+    at most that share of its free memory too. Data sets over it stream from disk."""
+    if gib is not None:
+        return int(gib * 2**30)
+    shares = [_available_host_memory()]
+    device = torch.device(device)
+    if device.type == "cuda":
+        shares.append(available_memory(device))
+    known = [int(DATA_MEMORY_SHARE * b) for b in shares if b is not None]
+    return min(known) if known else 2**63 - 1
+
+
+def _available_host_memory() -> int | None:
+    """What ``/proc/meminfo`` calls ``MemAvailable`` (free memory and what the page cache can give
+    back), else the free pages; None if neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
-from .data import DeviceBatches, ImageDataset, held_out, load_dataset
+from .data import Batches, DeviceBatches, ImageDataset, held_out, load_dataset
 from .errors import ConfigError, DataError
 from .model import VAE, build_vae
 from .names import SAVED_MODELS
@@ -35,11 +35,17 @@ from .networks import IMAGE_SHAPE
 from .runtime import resolve_device
 
 
-def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device: torch.device) -> DeviceBatches:
+def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device: torch.device) -> Batches:
     """The ``"train"``, ``"validation"`` or ``"test"`` split as the run sees it: its size limit,
     batch size, binarization, seed and image layout (the train split shuffled). The validation
     split is ``config.validation_size`` images of the training set (after ``max_train``) chosen by
-    :func:`~pyro_vae.data.held_out` from the seed; the train split is the rest."""
+    :func:`~pyro_vae.data.held_out` from the seed; the train split is the rest.
+
+    Device-resident (:class:`~pyro_vae.data.DeviceBatches`) if the data set fits the memory budget
+    (``config.data_memory``, :func:`~pyro_vae.memory.data_memory_budget`) on ``device``; else
+    streamed (:class:`~pyro_vae.streaming.StreamedBatches`, ``config.data_workers`` workers): from
+    disk where the data set stayed there, from host memory where only the GPU lacks room. The
+    batches are the same either way."""
     if split == "test":
         images, labels = dataset.test_images[: config.max_test], dataset.test_labels[: config.max_test]
     else:
@@ -47,20 +53,37 @@ def split_batches(config: TrainConfig, dataset: ImageDataset, split: str, device
         rows = held_out(images.shape[0], config.validation_size, config.seed)
         rows = rows if split == "validation" else ~rows
         images, labels = images[rows], labels[rows]
-    return DeviceBatches(
-        images,
-        labels,
-        config.batch_size,
+    options = dict(
         binarization=config.binarize,
         seed=config.seed,
         shuffle=split == "train",
         flatten=config.architecture == "mlp",
         device=device,
     )
+    if streams(config, dataset, device):
+        from .streaming import StreamedBatches
+
+        return StreamedBatches(images, labels, config.batch_size, num_workers=config.data_workers, **options)
+    return DeviceBatches(images, labels, config.batch_size, **options)
+
+
+def streams(config: TrainConfig, dataset: ImageDataset, device: torch.device) -> bool:
+    """Whether the run reads ``dataset`` streamed: it stayed on disk, or it is over the memory budget
+    of a GPU ``device`` (on the CPU, data in memory are where training reads them already)."""
+    if dataset.streamed:
+        return True
+    if torch.device(device).type == "cpu":
+        return False
+    from .memory import data_memory_budget
+
+    return dataset.nbytes > data_memory_budget(config.data_memory, device)
 
 
 def dataset_for(config: TrainConfig, data_dir: str | None = None, progress: bool = False) -> ImageDataset:
-    """The data set ``config`` names, read from ``data_dir`` (default: the run's own ``config.data_dir``)."""
+    """The data set ``config`` names, read from ``data_dir`` (default: the run's own ``config.data_dir``);
+    a folder or ``.npy`` over ``config.data_memory`` GiB (:func:`~pyro_vae.memory.data_memory_budget`) stays on disk."""
+    from .memory import data_memory_budget
+
     return load_dataset(
         config.dataset,
         config.data_dir if data_dir is None else data_dir,
@@ -69,6 +92,7 @@ def dataset_for(config: TrainConfig, data_dir: str | None = None, progress: bool
         image_size=config.image_size,
         layout=config.layout,
         progress=progress,
+        memory_budget=data_memory_budget(config.data_memory),
     )
 
 
@@ -93,9 +117,9 @@ def config_for_data(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
     return dataclasses.replace(config, image_shape=shape)
 
 
-def data_identity(dataset: ImageDataset) -> dict[str, str]:
+def data_identity(dataset: ImageDataset, progress: bool = False) -> dict[str, str]:
     """What a checkpoint records of its data: where it was read and its content fingerprint."""
-    return {"source": dataset.source, "fingerprint": dataset.fingerprint()}
+    return {"source": dataset.source, "fingerprint": dataset.fingerprint(progress)}
 
 
 def check_same_data(run_path: Path, saved: dict[str, Any], found: dict[str, str], allow_different_data: bool) -> None:
@@ -449,14 +473,14 @@ class SavedRun:
         """Whether :attr:`model` is the one :func:`load_run` picks unasked."""
         return self.model == default_model(self.config)
 
-    def test_split(self, data_dir: str | None = None, allow_different_data: bool = False) -> DeviceBatches:
+    def test_split(self, data_dir: str | None = None, allow_different_data: bool = False) -> Batches:
         """The run's test split on the VAE's device, from its own data folder or ``data_dir``;
         refused if the data are not those the run was trained on (unless ``allow_different_data``)."""
         return self.test_data(data_dir, allow_different_data)[0]
 
     def test_data(
         self, data_dir: str | None = None, allow_different_data: bool = False
-    ) -> tuple[DeviceBatches, dict[str, str]]:
+    ) -> tuple[Batches, dict[str, str]]:
         """:meth:`test_split` and the identity (:func:`data_identity`) of the data it was read from."""
         dataset = dataset_for(self.config, data_dir)
         found = data_identity(dataset)

@@ -9,7 +9,7 @@ rewrites ``checkpoint.pt`` and redraws the figures, so a run stopped at any mome
 (:mod:`pyro_vae.run`) and has something to show.
 
 Reproducibility: the data order and the binarization draws depend only on ``(seed, epoch)``
-(:class:`~pyro_vae.data.DeviceBatches`), the latent draws on torch's RNG, whose state the
+(:class:`~pyro_vae.data.Batches`, device-resident or streamed alike), the latent draws on torch's RNG, whose state the
 checkpoint keeps; so on CPU a resumed run repeats an uninterrupted one exactly.
 
 A step (:meth:`Trainer.train_step`) reads the same in one process and in a ``torchrun`` job: this
@@ -32,7 +32,7 @@ from torch.distributions import kl_divergence
 
 from . import distributed
 from .config import TrainConfig
-from .data import DeviceBatches
+from .data import Batches
 from .errors import ConfigError, DistributedError, NumericalError
 from .estimators import make_elbo
 from .evaluate import mean_elbo
@@ -151,7 +151,7 @@ class Trainer:
         self.vae = (build_vae(config) if saved_vae is None else saved_vae).to(self.device)
         if planned is None:  # built for real: its values are allocated, Adam's two moments and the gradients not yet
             check_step_memory(self.vae, config.num_particles, config.batch_size, self.device, flags, parameter_copies=3)
-        self.data = data_identity(self.dataset)
+        self.data = data_identity(self.dataset, self.progress)
         if state is not None:
             check_same_data(self.folder.path, state["data"], self.data, allow_different_data)
         self.train_batches = split_batches(config, self.dataset, "train", self.device)
@@ -169,7 +169,8 @@ class Trainer:
             self.metrics = state["metrics"]
             set_rng_state(state["rng"])
             self.parallel.restore_device_rng(state["rng"], self.device)
-        self.vae.check_data(next(self.train_batches.epoch(0))[0])  # support, shape, dtype, device: once
+        with contextlib.closing(self.train_batches.eval_batches()) as batches:  # support, shape, dtype, device: once
+            self.vae.check_data(next(batches)[0])
         self.bad_in_a_row = 0
         self.step_announced = False
         self.interrupts = InterruptWatch()  # Ctrl-C ends fit() even where Python swallowed it
@@ -264,36 +265,38 @@ class Trainer:
         self.vae.train()
         total, objective = torch.zeros((), device=self.device), torch.zeros((), device=self.device)  # -ELBO, -ELBO_beta
         count, skipped, weight, weighted = 0, 0, 1.0, False
+        batches = self.train_batches.epoch(epoch)
         bar = tqdm(
-            self.train_batches.epoch(epoch),
+            batches,
             total=len(self.train_batches),
             desc=f"epoch {epoch + 1}/{self.config.epochs}",
             disable=None if self.progress else True,
             leave=False,
         )
-        for step, (x, _) in enumerate(bar):
-            weight = self.kl_weight(epoch, step)
-            gap = self.objective_gap(x, weight) if weight != 1 else None  # before the step changes the parameters
-            loss = self.train_step(x, weight)
-            self.interrupts.check()
-            if self.progress and not self.step_announced:
-                print(f"step: {self.step.describe()}", flush=True)
-                self.step_announced = True
-            if loss is None:
-                skipped, self.bad_in_a_row = skipped + 1, self.bad_in_a_row + 1
-                if self.bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
-                    raise self.diverged(
-                        f"{self.bad_in_a_row} training steps in a row gave a non-finite loss or gradient (epoch "
-                        f"{epoch + 1}, step {step + 1})"
-                    )
-                continue
-            self.bad_in_a_row = 0
-            objective += loss
-            total += loss if gap is None else loss + gap
-            weighted |= gap is not None
-            count += x.shape[0]
-            if self.progress and step % 50 == 0:
-                bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
+        with contextlib.closing(batches):  # a streamed split's workers end with the epoch, even when it fails
+            for step, (x, _) in enumerate(bar):
+                weight = self.kl_weight(epoch, step)
+                gap = self.objective_gap(x, weight) if weight != 1 else None  # before the step changes the parameters
+                loss = self.train_step(x, weight)
+                self.interrupts.check()
+                if self.progress and not self.step_announced:
+                    print(f"step: {self.step.describe()}", flush=True)
+                    self.step_announced = True
+                if loss is None:
+                    skipped, self.bad_in_a_row = skipped + 1, self.bad_in_a_row + 1
+                    if self.bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
+                        raise self.diverged(
+                            f"{self.bad_in_a_row} training steps in a row gave a non-finite loss or gradient (epoch "
+                            f"{epoch + 1}, step {step + 1})"
+                        )
+                    continue
+                self.bad_in_a_row = 0
+                objective += loss
+                total += loss if gap is None else loss + gap
+                weighted |= gap is not None
+                count += x.shape[0]
+                if self.progress and step % 50 == 0:
+                    bar.set_postfix(elbo=f"{-(total / max(count, 1)).item():.2f}")
         if count == 0:
             raise self.diverged(f"no training step of epoch {epoch + 1} gave a finite loss and gradient")
         weighted_objective = {"train_objective": -(objective / count).item()} if weighted else {}
@@ -374,7 +377,7 @@ class Trainer:
         patience = self.config.early_stopping
         return patience is not None and epochs_without_improvement(self.metrics) >= patience
 
-    def split_elbo(self, batches: DeviceBatches) -> float:
+    def split_elbo(self, batches: Batches) -> float:
         """:func:`~pyro_vae.evaluate.mean_elbo` of a held-out split (validation or test), computed on the
         main process and shared."""
         self.vae.eval()
