@@ -469,7 +469,7 @@ class SavedRun:
     model_epoch: int = 0  # the epoch they were saved after
 
     @property
-    def default_model(self) -> bool:
+    def is_default_model(self) -> bool:
         """Whether :attr:`model` is the one :func:`load_run` picks unasked."""
         return self.model == default_model(self.config)
 
@@ -493,7 +493,7 @@ class SavedRun:
         ``evaluation-on-<fingerprint>.json`` and ``inference_data-on-<fingerprint>.nc``, so that results
         on other data never replace those on the run's own; the model that is not the run's default
         (``last`` where there is a best) adds ``-<model>`` before those."""
-        suffix = "" if self.default_model else f"-{self.model}"
+        suffix = "" if self.is_default_model else f"-{self.model}"
         suffix += "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
         return self.folder / f"evaluation{suffix}.json", self.folder / f"inference_data{suffix}.nc"
 
