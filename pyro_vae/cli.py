@@ -339,9 +339,17 @@ def train_command(args: argparse.Namespace) -> int:
         if metrics:
             last = metrics[-1]
             say(
-                f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image, "
+                f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.2f} nats/image (the last epoch's), "
                 f"{time.perf_counter() - start:.0f} s this session, step: {last['step']}"
             )
+            if "val_elbo" in last:
+                from .schedule import best_epoch
+
+                best = metrics[best_epoch(metrics) - 1]
+                say(
+                    f"best validation ELBO {best['val_elbo']:.2f} at epoch {best['epoch']} (test ELBO "
+                    f"{best['test_elbo']:.2f}): best.pt, what evaluate and sample use"
+                )
         say(f"run folder: {run_dir}")
         return 0
 
@@ -419,11 +427,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print("active units         not measurable from one test image (Cov_x E[z_d|x] is a variance over images)")
     else:
         print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
-    other = (
-        ""
-        if json_path.name == "evaluation.json"
-        else (f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was")
-    )
+    other = ""
+    if data["fingerprint"] != run.data.get("fingerprint"):
+        other = f"; on data other than the run's ({data['source']}), so the run's own evaluation is left as it was"
+    elif json_path.name != "evaluation.json":
+        other = f"; the {run.model} model's, beside the default model's evaluation.json"
     print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
     return 0
 
@@ -444,10 +452,11 @@ def compare_command(args: argparse.Namespace) -> int:
         vae, x, exact = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
         name, title = "linear_gaussian", f"linear-Gaussian VAE, {len(x)} datapoints, exact log p(x) known"
     else:
-        run = load_run(args.run_dir, "cpu")
+        run = load_run(args.run_dir, "cpu", args.model)
         warn_if_config_edited(run, "--data-dir")
         vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
-        name, title = "run", f"{Path(args.run_dir).name}: {len(x)} test images"
+        model = f"{run.model} model, epoch {run.model_epoch}"
+        name, title = "run", f"{Path(args.run_dir).name} ({model}): {len(x)} test images"
     flags = "--particles or --num-data"
     check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), flags, parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
@@ -472,7 +481,8 @@ def sample_command(args: argparse.Namespace) -> int:
     from .plots import plot_image_grid
     from .run import RunFolder, load_run
 
-    out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"  # never training's samples.png
+    chosen = f"-{args.model}" if args.model else ""  # best's and last's grids side by side, never one over the other
+    out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}{chosen}.png"  # never samples.png
     RunFolder(args.run_dir).check_output(out)
     run = load_run(args.run_dir, args.device, args.model)
     warn_if_config_edited(run, "--device")
@@ -482,7 +492,7 @@ def sample_command(args: argparse.Namespace) -> int:
         Path(out).resolve().parent == run.folder.path.resolve()
     )  # then a trainer starting now must not clean up our temporary file
     with run.folder.locked("sample") if inside else contextlib.nullcontext():
-        title = "samples from the prior: mean of p(x|z), z ~ p(z)"
+        title = f"samples from the prior ({run.model} model, epoch {run.model_epoch}): mean of p(x|z), z ~ p(z)"
         plot_image_grid(run.vae.generate(args.num).cpu(), out, title=title, image_shape=run.config.image_shape)
     print(f"written: {out}")
     return 0
@@ -551,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path, help=run_dir_help)
     e.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=_number(int, 2, what="a whole number"),
         default=1000,
         help="importance samples K per image, at least 2 (Burda et al. use 5000)",
     )
@@ -615,6 +625,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=seed_int, default=0, help="seed of the draws (and of the linear-Gaussian model)")
     c.add_argument("--out", type=Path, help="folder for the CSV and PNG (default RUN_DIR/compare or runs/compare)")
     c.add_argument("--no-progress", action="store_true", help="do not print each finished row")
+    add_model_argument(c)
     c.set_defaults(run=compare_command, parser=c, memory_options="--particles or --num-data")
 
     s = sub.add_parser(
@@ -627,7 +638,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", type=Path, help=run_dir_help)
     s.add_argument("--num", type=_number(int, 1, 10000, what="a whole number"), default=64, help="number of samples")
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the draws")
-    s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>.png)")
+    s.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples-seed<SEED>-n<NUM>[-<MODEL>].png)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_model_argument(s)
     s.set_defaults(run=sample_command, parser=s, memory_options="--num")

@@ -190,9 +190,15 @@ class Trainer:
         changed = {k: (before[k], v) for k, v in config.identity().items() if before.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(
                 f"cannot resume {self.folder.path}: its checkpoint was trained with a different configuration "
-                f"({detail})"
+                f"({detail}); leave {flags} out to resume it as trained, or start a new --run-dir"
+            )
+        if config.early_stopping is not None and not config.validation_size:
+            raise ConfigError(
+                f"cannot resume {self.folder.path} with --early-stopping: it was trained without a validation split; "
+                "start a new --run-dir with --validation-size N to stop early"
             )
         if config.epochs < done:
             raise ConfigError(

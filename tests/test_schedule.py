@@ -172,8 +172,16 @@ def test_early_stopping_keeps_the_best_model_and_evaluate_scores_it_by_default(t
     record = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert (record["model"], record["model_epoch"], record["epochs"]) == ("best", best, len(metrics))
     assert main(["evaluate", str(tmp_path / "run"), "--model", "last", "--num-samples", "4", "--no-progress"]) == 0
+    assert "the last model's, beside the default model's evaluation.json" in capsys.readouterr().out
     last_record = json.loads((tmp_path / "run" / "evaluation-last.json").read_text())  # beside, never over, the best's
     assert (last_record["model"], last_record["model_epoch"]) == ("last", len(metrics))
+    for model in ("best", "last"):  # each model's grid in its own file
+        assert main(["sample", str(tmp_path / "run"), "--model", model, "--num", "4"]) == 0
+    assert {"samples-seed0-n4-best.png", "samples-seed0-n4-last.png"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    argv = ["train", "--resume", "--run-dir", str(tmp_path / "run"), "--validation-size", "32"]
+    assert main(argv) == 2
+    assert "(validation_size: 64 in the checkpoint, 32 now); leave --validation-size out to resume it as trained, " \
+        "or start a new --run-dir" in capsys.readouterr().err
 
 
 def test_a_run_without_validation_has_no_best_model(tmp_path, data_dir, capsys):
@@ -183,6 +191,11 @@ def test_a_run_without_validation_has_no_best_model(tmp_path, data_dir, capsys):
     assert capsys.readouterr().err == (
         f"pyro-vae: error: {tmp_path / 'run'} was trained without a validation split, so it has no best model; use "
         "--model last\n"
+    )
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "run"), "--epochs", "2", "--early-stopping", "3"]) == 2
+    assert capsys.readouterr().err == (
+        f"pyro-vae: error: cannot resume {tmp_path / 'run'} with --early-stopping: it was trained without a validation "
+        "split; start a new --run-dir with --validation-size N to stop early\n"
     )
 
 
