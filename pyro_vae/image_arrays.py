@@ -56,6 +56,10 @@ def array_layout(array: np.ndarray, what: str, layout: str | None = None) -> str
             ".astype(np.uint8) for floats in [0, 1]"
         )
     if array.ndim == 3:
+        if layout is not None:
+            raise DataError(
+                f"{what} has shape {array.shape}, grey images (N, H, W): leave --layout out (it orders 4-D arrays)"
+            )
         return None
     if array.ndim != 4:
         raise DataError(f"{what} has shape {array.shape}; pass images shaped (N, H, W), (N, H, W, C) or (N, C, H, W)")

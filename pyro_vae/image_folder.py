@@ -77,7 +77,7 @@ def _class_of(path: Path, root: Path) -> str | None:
 
 def _decode(data: bytes, path: Path, image_size: tuple[int, int] | None):
     """The decoded PIL image of ``data`` in mode ``L`` or ``RGB``, resized if ``image_size``."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -87,6 +87,10 @@ def _decode(data: bytes, path: Path, image_size: tuple[int, int] | None):
             if opened.mode in ("I", "I;16", "I;16B", "F"):
                 raise DataError(f"{path}: {opened.mode} pixels are not 8-bit; convert the images to 8 bits per channel")
             image = opened.convert("L" if opened.mode in GREY_MODES else "RGB")
+    except DataError:
+        raise
+    except UnidentifiedImageError as e:
+        raise DataError(f"{path}: not an image (no PNG or JPEG data in it); remove it from the folder") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(
             f"{path}: cannot be decoded as an image ({first_line(e, with_type=False)}); the file is damaged or "
@@ -103,8 +107,10 @@ def _decode(data: bytes, path: Path, image_size: tuple[int, int] | None):
 
 
 def _size_counts(sizes: dict[tuple[int, int], list[Path]]) -> str:
+    """The most common sizes (3 at most) with an example file each, and how many more there are."""
     ranked = sorted(sizes.items(), key=lambda kv: -len(kv[1]))
-    return ", ".join(f"{len(paths)} of {h}x{w} (e.g. {paths[0]})" for (h, w), paths in ranked)
+    shown = ", ".join(f"{len(paths)} of {h}x{w} (e.g. {paths[0]})" for (h, w), paths in ranked[:3])
+    return shown + (f" and {len(ranked) - 3} more sizes" if len(ranked) > 3 else "")
 
 
 def read_image_folder(
@@ -122,6 +128,13 @@ def read_image_folder(
             f"{folder / present[0]} is a split but {folder} has no {other}/ beside it; add {other}/ with its images, "
             f"or rename {present[0]}/ to hold out a random test split"
         )
+    if present:  # a third split (valid/, say) would be neither trained on nor tested: refused, not ignored
+        others = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.name not in SPLITS)
+        if others:
+            raise DataError(
+                f"{folder} has train/ and test/ and also {', '.join(others)}, which would be left out; move its "
+                "images into train/ (--validation-size holds a validation split out of train/) or out of the folder"
+            )
     roots = {s: folder / s for s in SPLITS} if present else {"all": folder}
     files = {split: image_files(root) for split, root in roots.items()}
     for split, paths in files.items():

@@ -156,7 +156,7 @@ def loose_and_classified(tmp_path):
 BAD_FOLDERS = {
     "truncated": (lambda t: truncated_png(folder_with(t / "images") / "4.png"), "cannot be decoded"),
     "not an image": (lambda t: a_file(t, "notes.txt", "hello"), "not a PNG or JPEG"),
-    "text named png": (lambda t: a_file(t, "fake.png", "hello"), "cannot be decoded"),
+    "text named png": (lambda t: a_file(t, "fake.png", "hello"), "not an image (no PNG or JPEG data in it)"),
     "empty": (empty, "holds no images"),
     "symlink loop": (symlink_loop, "symbolic link loop"),
     "empty split": (an_empty_split, "holds no images"),
@@ -410,3 +410,48 @@ def test_a_run_on_a_folder_resumes_bit_for_bit_and_refuses_a_changed_folder(tmp_
     capsys.readouterr()
     assert main(["train", "--resume", "--run-dir", str(tmp_path / "halves"), "--epochs", "3"]) == 2
     assert "was trained on other data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ found by a new user's trial
+
+
+def test_a_third_split_beside_train_and_test_is_refused_not_ignored(tmp_path):
+    from PIL import Image
+
+    from pyro_vae.image_folder import read_image_folder
+
+    for split in ("train", "test", "valid"):
+        (tmp_path / split).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / split / "a.png")
+    with pytest.raises(DataError, match=r"has train/ and test/ and also valid, which would be left out; move its images"):
+        read_image_folder(tmp_path, progress=False)
+
+
+def test_image_errors_name_the_real_cause_and_no_python_object(tmp_path):
+    from PIL import Image
+
+    from pyro_vae.image_folder import read_image_folder
+
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey: not damaged
+    with pytest.raises(DataError, match=r"deep.png: I;16 pixels are not 8-bit; convert the images to 8 bits") as e:
+        read_image_folder(tmp_path, progress=False)
+    assert "damaged" not in str(e.value)
+    (tmp_path / "deep.png").write_text("not an image at all")
+    with pytest.raises(DataError) as e:
+        read_image_folder(tmp_path, progress=False)
+    assert str(e.value) == f"{tmp_path / 'deep.png'}: not an image (no PNG or JPEG data in it); remove it from the folder"
+
+
+def test_many_sizes_are_summarized_and_layout_is_refused_for_grey_arrays(tmp_path):
+    from PIL import Image
+
+    from pyro_vae.image_arrays import array_layout
+    from pyro_vae.image_folder import read_image_folder
+
+    for side in range(8, 14):
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(tmp_path / f"{side}.png")
+    with pytest.raises(DataError, match=r"holds images of 6 sizes: .* and 3 more sizes; pass --image-size") as e:
+        read_image_folder(tmp_path, progress=False)
+    assert str(e.value).count("e.g.") == 3
+    with pytest.raises(DataError, match=r"grey images \(N, H, W\): leave --layout out"):
+        array_layout(np.zeros((2, 8, 8), np.uint8), "x.npy", "NCHW")
