@@ -429,7 +429,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print(f"active units         {result.active_units} of {run.vae.z_dim} (Cov_x E[z_d|x] > 0.01)")
     other = ""
     if data["fingerprint"] != run.data.get("fingerprint"):
-        other = f"; on data other than the run's ({data['source']}), so the run's own evaluation is left as it was"
+        other = f"; on data other than the run's ({data['source']}), so the run's own evaluation.json is left as it was"
     elif json_path.name != "evaluation.json":
         other = f"; the {run.model} model's, beside the default model's evaluation.json"
     print(f"written: {json_path}, {idata_path} (arviz.from_netcdf), {n_idata} images exported{other}")
@@ -561,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path, help=run_dir_help)
     e.add_argument(
         "--num-samples",
-        type=_number(int, 2, what="a whole number"),
+        type=positive_int,
         default=1000,
         help="importance samples K per image, at least 2 (Burda et al. use 5000)",
     )
