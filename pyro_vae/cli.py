@@ -37,7 +37,7 @@ from .names import (
     TRAIN_ESTIMATORS,
 )
 from .options import choices, option, settings
-from .schedule import DEFAULT_LR_DECAY, LR_SCHEDULES
+from .schedule import DEFAULT_LR_DECAY, LR_SCHEDULES, best_epoch
 
 PIXELS_OF = {"binary": "binarized", "8bit": "8-bit"}  # what bits/dim are counted on, by the likelihood's data kind
 DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
@@ -343,8 +343,6 @@ def train_command(args: argparse.Namespace) -> int:
                 f"{time.perf_counter() - start:.0f} s this session, step: {last['step']}"
             )
             if "val_elbo" in last:
-                from .schedule import best_epoch
-
                 best = metrics[best_epoch(metrics) - 1]
                 say(
                     f"best validation ELBO {best['val_elbo']:.2f} at epoch {best['epoch']} (test ELBO "
@@ -356,8 +354,6 @@ def train_command(args: argparse.Namespace) -> int:
 
 def stopped_early_line(trainer) -> str:
     """What a run that stopped early says: when, why, and which epoch's model it keeps."""
-    from .schedule import best_epoch
-
     best, patience = best_epoch(trainer.metrics), trainer.config.early_stopping
     epochs = f"{patience} epoch{'s' * (patience != 1)}"
     return (
