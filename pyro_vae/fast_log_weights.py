@@ -19,9 +19,8 @@ The first term is one matrix-vector product per image (``W^T y``, H numbers) and
 draw instead of D elementwise products; the last takes one sigmoid per pixel and one log per group g
 of 2^m <= 16 pixels (each factor lies in [1/2, 1), so a group's product stays above 2^-16).
 
-A mixture prior (the VampPrior, :mod:`pyro_vae.priors`) is scored with its quadratic forms
-expanded into two matrix products (:func:`gaussian_mixture_log_prob`), ``rows x K`` numbers per
-block instead of the ``rows x K x z_dim`` differences its ``log_prob`` materializes.
+The prior is scored by its own ``log_prob``; the VampPrior's expands its quadratic forms into two
+matrix products (:func:`pyro_vae.priors.gaussian_mixture_log_prob`).
 
 Before the first chunk, :func:`matches_pyro` checks the fast path against the Pyro program itself
 on two draws of supplied noise (:class:`~pyro_vae.noise.SuppliedNoise`); a model whose program
@@ -34,7 +33,6 @@ import math
 import warnings
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
@@ -109,33 +107,6 @@ def bernoulli_linear_log_prob(
     return log_p.add_(a.log().sum(-1)).reshape(h.shape[:-1])
 
 
-def gaussian_mixture_log_prob(z: torch.Tensor, mixture: dist.MixtureSameFamily) -> torch.Tensor:
-    """``log sum_k pi_k N(z; m_k, diag(s_k^2))`` for ``z`` of shape ``(..., D)``, a mixture of diagonal
-    Gaussians (``Independent(Normal)`` components). Its quadratic forms are two matrix products,
-
-        sum_j (z_j - m_kj)^2 / s_kj^2 = (z * z) . (1 / s_k^2) - 2 z . (m_k / s_k^2) + sum_j m_kj^2 / s_kj^2,
-
-    computed in float64, where the expansion's cancellation (terms of size (z / s)^2 whose difference
-    is of order one) costs nothing at float32's precision."""
-    component = mixture.component_distribution.base_dist
-    loc, scale = component.loc.double(), component.scale.double()
-    precision = scale.pow(-2)  # (K, D)
-    log_norm = 2 * scale.log().sum(-1) + loc.shape[-1] * math.log(2 * math.pi)
-    offset = (loc.pow(2) * precision).sum(-1) + log_norm  # (K,)
-    flat = z.reshape(-1, z.shape[-1]).double()
-    quadratic = torch.addmm(offset, flat.pow(2), precision.t()).addmm_(flat, (loc * precision).t(), alpha=-2)
-    log_weights = torch.log_softmax(mixture.mixture_distribution.logits.double(), -1)
-    log_p = torch.logsumexp(quadratic.mul_(-0.5).add_(log_weights), -1)
-    return log_p.to(z.dtype).reshape(z.shape[:-1])
-
-
-def prior_log_prob(prior: dist.Distribution, z: torch.Tensor) -> torch.Tensor:
-    """``log p(z)``: :func:`gaussian_mixture_log_prob` for a mixture prior, the prior's own ``log_prob`` else."""
-    if isinstance(prior, dist.MixtureSameFamily):
-        return gaussian_mixture_log_prob(z, prior)
-    return prior.log_prob(z)
-
-
 class _Observation:
     """``log p(x | z)`` of a block of draws of the VAE's decoder and likelihood: the linear-Bernoulli
     identity where it applies, else the likelihood's own distribution."""
@@ -179,7 +150,7 @@ def vae_log_weights(vae: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
             images = slice(i, i + images_per_block)
             for k in range(0, num_particles, per_block):
                 block = z[k : k + per_block, images]
-                log_w[k : k + per_block, images] += observation.log_prob(block, images) + prior_log_prob(prior, block)
+                log_w[k : k + per_block, images] += observation.log_prob(block, images) + prior.log_prob(block)
     return log_w
 
 

@@ -4,6 +4,7 @@ written here, and the composition with Pyro (ELBOs, particles, Predictive, trace
 import math
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -16,6 +17,7 @@ from pyro_vae.evaluate import importance_log_weights
 from pyro_vae.inference_data import to_inference_data
 from pyro_vae.kl_weight import elbo_loss
 from pyro_vae.networks import positive_scale
+from pyro_vae.priors import GaussianMixture
 
 from .conftest import binary_batch
 
@@ -37,6 +39,55 @@ def test_vamp_prior_log_prob_is_the_logsumexp_over_the_pseudo_inputs_minus_log_k
     loc, scale = vae.encoder(vae.prior_family.pseudo_inputs)  # (K, z_dim) each
     by_hand = torch.logsumexp(normal_log_density(z.unsqueeze(-2), loc, scale), -1) - math.log(5)
     assert torch.allclose(vae.prior().log_prob(z), by_hand, rtol=1e-12, atol=0)
+
+
+def far_narrow_mixture(dtype=torch.float64, seed=1):
+    """5 components in 4 dimensions, far apart and narrow (scales down to 0.01, where the expanded
+    quadratic forms cancel most), unequal weights; 11 points near them and far away."""
+    g = torch.Generator().manual_seed(seed)
+    loc = 3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    scale = torch.exp(torch.empty(5, 4, dtype=torch.float64).uniform_(-4.6, 0.5, generator=g))
+    logits = torch.randn(5, generator=g, dtype=torch.float64)
+    near = loc + scale * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    z = torch.cat([near, 4 * torch.randn(6, 4, generator=g, dtype=torch.float64)])
+    return [t.to(dtype) for t in (logits, loc, scale, z)]
+
+
+def test_the_gaussian_mixture_density_is_the_mixture_density_by_the_formula():
+    logits, loc, scale, z = far_narrow_mixture()
+    by_hand = torch.logsumexp(torch.log_softmax(logits, -1) + normal_log_density(z.unsqueeze(-2), loc, scale), -1)
+    mixture = GaussianMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    torch.testing.assert_close(mixture.log_prob(z.view(11, 1, 4)), by_hand.view(11, 1), rtol=1e-10, atol=1e-9)
+    # in float32 as well, against Pyro's MixtureSameFamily: the float64 expansion loses nothing
+    logits, loc, scale, z = far_narrow_mixture(torch.float32)
+    ours = GaussianMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    pyros = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    torch.testing.assert_close(ours.log_prob(z), pyros.log_prob(z), rtol=1e-5, atol=1e-4)
+
+
+def test_the_gaussian_mixture_gradients_are_the_mixture_densitys():
+    """The gradients SVI takes (the draw, the locations, the scales) equal autograd's through Pyro's
+    MixtureSameFamily, in float64 to 1e-9."""
+    logits, loc, scale, z = far_narrow_mixture(seed=2)
+    grads = []
+    for family in (GaussianMixture, dist.MixtureSameFamily):
+        inputs = [t.clone().requires_grad_() for t in (loc, scale, z)]
+        mixture = family(dist.Categorical(logits=logits), dist.Normal(*inputs[:2]).to_event(1))
+        grads.append(torch.autograd.grad(mixture.log_prob(inputs[2]).sum(), inputs))
+    for ours, pyros in zip(*grads):
+        torch.testing.assert_close(ours, pyros, rtol=1e-9, atol=1e-9)
+
+
+def test_the_gaussian_mixture_in_a_plate_is_one_mixture_broadcast_over_the_data_and_particles():
+    logits, loc, scale, z = far_narrow_mixture()
+    mixture = GaussianMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    expanded = mixture.expand((6,))
+    assert expanded.batch_shape == (6,) and expanded.event_shape == (4,)
+    draws = expanded.sample((3,))
+    assert draws.shape == (3, 6, 4)
+    torch.testing.assert_close(expanded.log_prob(draws), mixture.log_prob(draws))
+    with pytest.raises(ValueError):  # the sample's event shape is checked, as Pyro's distributions do
+        GaussianMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1), validate_args=True).log_prob(z[:, :3])
 
 
 def wide_normalization(log_density, center, draws=20000, width=4.0):
