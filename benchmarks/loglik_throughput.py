@@ -4,8 +4,8 @@
 
 Runs ``pyro_vae.evaluate.log_marginal_likelihood`` with K = 5000 samples per image on Fashion-MNIST
 test images for the default 784-400-20 Bernoulli model (trained weights are not needed for speed),
-(``--prior vamp``: with the VampPrior, 500 pseudo-inputs, scored by the fast path's mixture
-density) and reports images x samples per second: the fast path (chosen automatically for a VAE's own model
+(``--prior vamp``: with the VampPrior, 500 pseudo-inputs, scored by its mixture density's matrix
+products; ``--guide iaf``: with two IAF steps, the fast path carrying each block of draws through them) and reports images x samples per second: the fast path (chosen automatically for a VAE's own model
 and guide) on every batch, the Pyro program (``fast_path=False``) on the first ``--pyro-batches``
 batches. The work is dominated by the decoder, 2 (z h + h D) FLOPs per image-sample for an MLP
 z -> h -> D; its achieved FLOP rate is compared with a float32 2048x2048 matmul timed three times before
@@ -53,12 +53,13 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--prior", choices=("standard", "vamp"), default="standard", help="vamp: 500 pseudo-inputs")
+    p.add_argument("--guide", choices=("gaussian", "iaf"), default="gaussian", help="iaf: 2 flow steps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ImportanceSamplingWarning)  # untrained weights: speed only
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
-    vae = VAE(prior=args.prior).to(device).eval()
+    vae = VAE(prior=args.prior, guide=args.guide).to(device).eval()
     data = load_dataset("fashion_mnist", args.data_dir)
     test = DeviceBatches(data.test_images[: args.test_images], data.test_labels[: args.test_images], args.batch_size, binarization="dynamic", shuffle=False, device=device)
     n = 2048
@@ -77,7 +78,7 @@ def main(argv=None):
             pairs[fast] += x.shape[0] * args.num_samples
     peak = 2 * n**3 / statistics.mean(matmul)
     flops = 2 * (vae.z_dim * vae.decoder.net[0].out_features + vae.decoder.net[0].out_features * 784)
-    print(f"importance-sampled log p(x), {args.prior} prior, K={args.num_samples}, chunks of {args.chunk_size}, batches of {args.batch_size}; "
+    print(f"importance-sampled log p(x), {args.prior} prior, {args.guide} guide, K={args.num_samples}, chunks of {args.chunk_size}, batches of {args.batch_size}; "
           f"{describe_machine(device)}")
     print(f"float32 {n}x{n} matmul, mean of {len(matmul)} (three before each timed batch): {peak / 1e9:.1f} GFLOP/s")
     rates = {}

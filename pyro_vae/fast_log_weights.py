@@ -20,7 +20,11 @@ draw instead of D elementwise products; the last takes one sigmoid per pixel and
 of 2^m <= 16 pixels (each factor lies in [1/2, 1), so a group's product stays above 2^-16).
 
 The prior is scored by its own ``log_prob``; the VampPrior's expands its quadratic forms into two
-matrix products (:func:`pyro_vae.priors.gaussian_mixture_log_prob`).
+matrix products (:func:`pyro_vae.priors.gaussian_mixture_log_prob`). A guide with a flow (the IAF,
+:mod:`pyro_vae.guides`) carries each block's ``z_0`` through its transforms, ``z_T = f_T(...f_1(z_0))``,
+and adds their log-Jacobians, read from the transforms' cache as the Pyro program reads them:
+
+    -log q(z_T | x) = -log N(eps; 0, I) + sum_j log scale_j(x) + sum_t log |det df_t / dz_{t-1}|
 
 Before the first chunk, :func:`matches_pyro` checks the fast path against the Pyro program itself
 on two draws of supplied noise (:class:`~pyro_vae.noise.SuppliedNoise`); a model whose program
@@ -52,15 +56,15 @@ class FastPathWarning(UserWarning):
 
 
 def fast_path_vae(model, guide, plate_name: str, max_plate_nesting: int, kwargs: dict) -> VAE | None:
-    """The :class:`~pyro_vae.model.VAE` whose own ``model`` and ``guide`` these are, with the
-    standard or the VampPrior and the Gaussian guide (the ones the fast path writes out), called
+    """The :class:`~pyro_vae.model.VAE` whose own ``model`` and ``guide`` these are, with a built-in
+    prior and guide (the standard or the VampPrior, the Gaussian or the IAF guide), called
     with ``x`` alone, outside any Pyro handler, on the ``"data"`` plate; else None (the Pyro path)."""
     vae = getattr(model, "__self__", None)
     if not isinstance(vae, VAE) or getattr(guide, "__self__", None) is not vae:
         return None
     if model.__func__ is not VAE.model or guide.__func__ is not VAE.guide:
         return None
-    if vae.prior_name not in ("standard", "vamp") or vae.guide_name != "gaussian":
+    if vae.prior_name not in ("standard", "vamp") or vae.guide_name not in ("gaussian", "iaf"):
         return None
     if kwargs or plate_name != "data" or max_plate_nesting != 1 or am_i_wrapped():
         return None
@@ -133,24 +137,30 @@ class _Observation:
 
 @torch.no_grad()
 def vae_log_weights(vae: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``log w_ik`` of shape ``(K, N)`` for the draws ``z_ik = loc(x_i) + eps_ik scale(x_i)``,
-    ``eps`` of shape ``(K, N, z_dim)``, computed block by block (:func:`block_shape`)."""
+    """``log w_ik`` of shape ``(K, N)`` for the draws ``z_ik = loc(x_i) + eps_ik scale(x_i)`` (carried
+    through the guide's flow, if it has one), ``eps`` of shape ``(K, N, z_dim)``, computed block by
+    block (:func:`block_shape`)."""
     vae.check_data(x)
     num_particles, batch = eps.shape[:2]
     per_block, images_per_block = block_shape(num_particles, batch, x[0].numel(), x.device)
-    loc, scale = vae.encoder(x)
+    encoded = vae.encoder(x)
+    loc, scale = encoded[:2]
     z = loc + eps * scale
     observation = _Observation(vae, x, per_block * images_per_block)
     with pyro.validation_enabled(False):  # x was checked once above
-        # -log q(z|x) = -log N(eps; 0, I) + sum_j log scale_j (the change of variables z = loc + eps scale),
-        # then log p(x|z) + log p(z) block by block
+        # -log q(z_0|x) = -log N(eps; 0, I) + sum_j log scale_j (the change of variables z_0 = loc + eps scale),
+        # then the flow's log-Jacobians, log p(x|z_T) and log p(z_T) block by block
         log_w = eps.pow(2).sum(-1).mul_(0.5).add_(scale.log().sum(-1) + 0.5 * vae.z_dim * math.log(2 * math.pi))
         prior = vae.prior()
         for i in range(0, batch, images_per_block):
             images = slice(i, i + images_per_block)
+            transforms = getattr(vae.guide_family(*(part[images] for part in encoded)), "transforms", [])
             for k in range(0, num_particles, per_block):
-                block = z[k : k + per_block, images]
-                log_w[k : k + per_block, images] += observation.log_prob(block, images) + prior.log_prob(block)
+                block, rows = z[k : k + per_block, images], log_w[k : k + per_block, images]
+                for transform in transforms:
+                    block, previous = transform(block), block
+                    rows += transform.log_abs_det_jacobian(previous, block)
+                rows += observation.log_prob(block, images) + prior.log_prob(block)
     return log_w
 
 

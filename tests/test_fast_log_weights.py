@@ -76,12 +76,14 @@ def test_conv_vae_and_the_full_image_size_match_too():
         assert same_stream
 
 
+@pytest.mark.parametrize("latent", [{}, dict(prior="vamp", pseudo_inputs=4, guide="iaf")], ids=["gaussian", "vamp+iaf"])
 @pytest.mark.parametrize("block_numbers", [32 * 5, 32 * 7 * 3, 32 * 1000])
-def test_blocks_of_any_size_give_the_same_weights(monkeypatch, block_numbers):
-    # 5 rows: blocks of one particle x 5 images (a partial last image block); 21 rows: 2 particles x
-    # 9 images, a partial last particle block; 1000 rows: the whole chunk at once
+def test_blocks_of_any_size_give_the_same_weights(monkeypatch, block_numbers, latent):
+    # 5 rows: blocks of one particle x 5 images (a partial last image block; the flow's context is
+    # sliced with them); 21 rows: 2 particles x 9 images, a partial last particle block; 1000 rows:
+    # the whole chunk at once
     torch.manual_seed(0)
-    vae, x = VAE(x_dim=32, z_dim=3, hidden=(24,)), binary_batch(9, 32)
+    vae, x = VAE(x_dim=32, z_dim=3, hidden=(24,), **latent), binary_batch(9, 32)
     eps = draw_noise(vae, x, 11)
     whole = vae_log_weights(vae, x, eps)
     monkeypatch.setattr(fast_log_weights, "CPU_BLOCK_NUMBERS", block_numbers)
@@ -136,15 +138,16 @@ def test_a_program_that_computes_something_else_fails_the_check_and_keeps_the_rn
     assert matches_pyro(plain, x, DataPlateIWELBO(num_particles=2))
 
 
-def test_a_vampprior_vae_takes_the_fast_path_with_the_pyro_programs_log_weights():
-    """The mixture prior's expanded quadratic forms give Pyro's MixtureSameFamily log-density: the
-    whole log-weights under the same draws to float32 rounding; the IAF guide keeps the Pyro path."""
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+@pytest.mark.parametrize("guide", ["gaussian", "iaf"])
+def test_every_built_in_prior_and_guide_takes_the_fast_path_with_the_pyro_programs_log_weights(prior, guide):
+    """The VampPrior's expanded quadratic forms and the IAF's transforms with their cached
+    log-Jacobians give the Pyro program's log-weights under the same draws, to float32 rounding,
+    and leave torch's RNG where the Pyro program leaves it."""
     torch.manual_seed(0)
-    vae = VAE(x_dim=32, z_dim=3, hidden=(24,), prior="vamp", pseudo_inputs=7)
+    vae = VAE(x_dim=32, z_dim=3, hidden=(24,), prior=prior, pseudo_inputs=7, guide=guide, flow_steps=2)
     x = binary_batch(9, 32)
     assert fast_path_vae(vae.model, vae.guide, "data", 1, {}) is vae
     (fast, pyro_w), same_stream = both_paths(vae, x)
     torch.testing.assert_close(fast, pyro_w, rtol=RTOL, atol=RTOL)
     assert same_stream
-    iaf = VAE(x_dim=32, z_dim=3, hidden=(24,), prior="vamp", pseudo_inputs=7, guide="iaf")
-    assert fast_path_vae(iaf.model, iaf.guide, "data", 1, {}) is None
