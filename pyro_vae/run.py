@@ -1,7 +1,9 @@
 """A training run and its folder: the configuration that defines it, the files that hold it, the
 lock that keeps one writer at a time, and loading a saved run back.
 
-A run folder holds ``config.json``, ``metrics.jsonl`` (one strict-JSON line per epoch),
+A run folder holds ``config.json``, ``metrics.jsonl`` (one strict-JSON line per epoch; a pure
+function of the configuration and the seed, so a resumed run's equals an uninterrupted one's),
+``times.jsonl`` (each epoch's wall-clock seconds, threads and device: the machine's, kept apart),
 ``checkpoint.pt`` (model, optimizer, RNG state, metrics, and the fingerprint of the data it was
 trained on) and figures. Every file is replaced atomically (:mod:`pyro_vae.checkpoint`): written
 to a temporary file in the folder and renamed over the target, so a kill at any moment leaves the
@@ -145,11 +147,13 @@ def _holder(lock_path: Path) -> str:
 class RunFolder:
     """The files of one run: where they are, how they are written, who may write them."""
 
-    CONFIG, METRICS, CHECKPOINT, BEST, LOCK = "config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", ".lock"
+    CONFIG, METRICS, TIMES = "config.json", "metrics.jsonl", "times.jsonl"
+    CHECKPOINT, BEST, LOCK = "checkpoint.pt", "best.pt", ".lock"
     # what training (its figures: pyro_vae.plots.draw_run_figures) and evaluate write here, and temporary files
     OWN_FILES = (
         CONFIG,
         METRICS,
+        TIMES,
         CHECKPOINT,
         BEST,
         LOCK,
@@ -293,6 +297,18 @@ class RunFolder:
     def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
         """``metrics.jsonl``, strict JSON: a non-finite number is written as ``null``."""
         self.write_text(self.METRICS, "".join(json.dumps(strict_json(row), allow_nan=False) + "\n" for row in metrics))
+
+    def write_times(self, times: list[dict[str, Any]]) -> None:
+        """``times.jsonl``: one line per epoch, its wall-clock ``seconds``, ``threads`` and ``device``."""
+        self.write_text(self.TIMES, "".join(json.dumps(row) + "\n" for row in times))
+
+    def read_times(self, epochs: int) -> list[dict[str, Any]]:
+        """The lines of ``times.jsonl`` for the first ``epochs`` epochs (none for a run saved before it
+        was kept, or for epochs past the checkpoint's)."""
+        path = self.path / self.TIMES
+        if not path.exists():
+            return []
+        return [row for row in map(json.loads, path.read_text().splitlines()) if row["epoch"] <= epochs]
 
     def save_state(self, state: dict[str, Any]) -> None:
         save_checkpoint(state, self.checkpoint_path)

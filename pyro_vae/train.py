@@ -4,8 +4,8 @@ Each step minimizes ``-ELBO_beta`` of a minibatch (:func:`~pyro_vae.kl_weight.el
 :func:`~pyro_vae.make_elbo`'s estimators, ``beta`` the KL weight of annealing) with Adam on the
 VAE's parameters; a step whose loss or gradient is not finite is skipped. Every epoch appends the
 train ELBO and the test ELBO of the model as defined (never weighted; while the KL weight is not 1,
-the weighted objective too, as ``train_objective``) to ``metrics.jsonl``,
-rewrites ``checkpoint.pt`` and redraws the figures, so a run stopped at any moment can be resumed
+the weighted objective too, as ``train_objective``) to ``metrics.jsonl`` and its wall-clock time
+to ``times.jsonl``, rewrites ``checkpoint.pt`` and redraws the figures, so a run stopped at any moment can be resumed
 (:mod:`pyro_vae.run`) and has something to show.
 
 Reproducibility: the data order and the binarization draws depend only on ``(seed, epoch)``
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,7 @@ class Trainer:
             self.metrics = state["metrics"]
             set_rng_state(state["rng"])
             self.parallel.restore_device_rng(state["rng"], self.device)
+        self.times = self.folder.read_times(len(self.metrics)) if self.parallel.is_main else []
         with contextlib.closing(self.train_batches.eval_batches()) as batches:  # support, shape, dtype, device: once
             self.vae.check_data(next(batches)[0])
         self.bad_in_a_row = 0
@@ -350,6 +352,7 @@ class Trainer:
         for epoch in range(self.epochs_done, self.config.epochs):
             if self.stopped_early:
                 break
+            started = time.perf_counter()
             lr = self.learning_rate()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -368,6 +371,7 @@ class Trainer:
             with self.parallel.all_or_none("save the checkpoint"), interrupts_deferred():
                 self.metrics.append(row)
                 self.save()
+                self.record_time(epoch + 1, time.perf_counter() - started)
             if self.progress:
                 print(epoch_line(row), flush=True)
         return self.metrics
@@ -413,6 +417,15 @@ class Trainer:
         self.folder.write_metrics(self.metrics)
         self.folder.mark_evaluation_stale(len(self.metrics))
         draw_run_figures(self.vae, self.test_batches, self.metrics, self.folder, self.dataset.classes, self.config.seed)
+
+    def record_time(self, epoch: int, seconds: float) -> None:
+        """Append the epoch's wall-clock seconds (training, held-out ELBOs and saving) to ``times.jsonl``."""
+        if self.parallel.is_main:
+            device = str(self.device)
+            self.times.append(
+                {"epoch": epoch, "seconds": round(seconds, 3), "threads": torch.get_num_threads(), "device": device}
+            )
+            self.folder.write_times(self.times)
 
     def close(self) -> None:
         """Release the run folder's lock (the process's end does too)."""

@@ -43,6 +43,30 @@ def test_a_run_leaves_config_metrics_checkpoint_and_figures(tmp_path, data_dir, 
     assert config.z_dim == 2 and saved == metrics and not vae.training and vae.prior_loc.device == device
 
 
+def read_times(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "times.jsonl").read_text().splitlines()]
+
+
+def test_each_epochs_wall_time_is_kept_beside_the_metrics_and_survives_a_resume(tmp_path, data_dir):
+    """``times.jsonl`` holds one line per saved epoch (seconds between the epoch's start and the end of
+    its save, as a clock outside the trainer bounds them); ``metrics.jsonl`` stays free of the clock;
+    a resume keeps the earlier lines and drops any past the checkpoint's epochs."""
+    config = dict(data_dir=data_dir, **SMALL)
+    before = time.perf_counter()
+    train(TrainConfig(epochs=1, **config), tmp_path / "run", progress=False)
+    outside = time.perf_counter() - before
+    (first,) = read_times(tmp_path / "run")
+    assert first["epoch"] == 1 and 0 < first["seconds"] <= outside
+    assert (first["threads"], first["device"]) == (torch.get_num_threads(), "cpu")
+    assert all(set(row) & {"seconds", "threads", "device"} == set() for row in read_metrics(tmp_path / "run"))
+    with (tmp_path / "run" / "times.jsonl").open("a") as f:  # a line for an epoch the checkpoint does not hold
+        f.write(json.dumps({"epoch": 2, "seconds": 1e9, "threads": 1, "device": "cpu"}) + "\n")
+    train(TrainConfig(epochs=3, **config), tmp_path / "run", resume=True, progress=False)
+    times = read_times(tmp_path / "run")
+    assert times[0] == first and [row["epoch"] for row in times] == [1, 2, 3]
+    assert all(0 < row["seconds"] < 1e9 for row in times)
+
+
 @pytest.mark.slow
 def test_training_improves_the_elbo(tmp_path, data_dir):
     metrics = train(TrainConfig(epochs=4, data_dir=data_dir, **SMALL), tmp_path / "run", progress=False)
