@@ -20,6 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .checks import MIN_IMPORTANCE_SAMPLES, check_importance_samples
 from .config import TrainConfig
 from .errors import ConfigError, DataError, DistributedError, NumericalError
 from .launcher import launched, rank_label
@@ -61,6 +62,7 @@ def _number(kind, minimum=None, maximum=None, what="a number"):
     return parse
 
 
+whole_number = _number(int, what="a whole number")
 positive_int = _number(int, 1, what="a whole number")
 seed_int = _number(int, 0, 2**63 - 1, what="a whole number")
 learning_rate = _number(float, 1e-12, 10.0)
@@ -375,6 +377,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from .evaluate import MIN_SAMPLES_FOR_K_HAT
     from .run import load_run
 
+    check_importance_samples(args.num_samples)  # before the run is loaded
     run = load_run(args.run_dir, args.device, args.model)
     warn_if_config_edited(run, "--data-dir, --device")
     evaluated = run.evaluate(
@@ -557,9 +560,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path, help=run_dir_help)
     e.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=whole_number,  # below MIN_IMPORTANCE_SAMPLES: the library's refusal, which says why
         default=1000,
-        help="importance samples K per image, at least 2 (Burda et al. use 5000)",
+        help=f"importance samples K per image, at least {MIN_IMPORTANCE_SAMPLES} (Burda et al. use 5000)",
     )
     e.add_argument(
         "--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)"

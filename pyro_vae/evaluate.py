@@ -22,10 +22,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .checks import check_count
+from .checks import check_count, check_importance_samples
 from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
 from .discretized import dequantized_log_likelihood_bound
-from .errors import ConfigError
 from .estimators import DataPlateIWELBO, log_mean_exp, make_elbo
 from .fast_log_weights import draw_noise, fast_path_vae, matches_pyro, vae_log_weights
 from .runtime import seeded
@@ -255,8 +254,8 @@ def evaluate_model(
     test ELBO (:func:`mean_elbo`), its two terms, importance-sampled ``log p(x)`` with ``num_samples``
     samples per image and k-hat, active units and KL per latent dimension. The first
     ``keep_log_weights`` images' log-weights are kept for the ArviZ export. ``num_samples`` is at
-    least 2: one importance sample estimates ``log p(x)`` by a one-sample ELBO, which the test ELBO
-    already is, with no standard error per image.
+    least :data:`~pyro_vae.checks.MIN_IMPORTANCE_SAMPLES` (:func:`~pyro_vae.checks.check_importance_samples`
+    says why).
 
     For a density likelihood on 8-bit data (``batches.eight_bit``), also the dequantized bound on the
     probability of the 8-bit images, ``log p((255 x + u) / 256) - D log 256 <= log P(x)``, one
@@ -265,13 +264,7 @@ def evaluate_model(
     expectation, in the units of the discretized likelihoods."""
     from tqdm.auto import tqdm
 
-    check_count("num_samples", num_samples)
-    if num_samples < 2:
-        raise ConfigError(
-            "num_samples (--num-samples) must be at least 2: with one importance sample the estimate of log p(x) is a "
-            "one-sample ELBO, which the test ELBO already reports, with no standard error per image; "
-            "pass 2 or more (Burda et al. use 5000)"
-        )
+    check_importance_samples(num_samples)
     check_count("chunk_size", chunk_size)
     check_count("keep_log_weights", keep_log_weights, minimum=0)
     from .memory import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
