@@ -299,6 +299,8 @@ def train_command(args: argparse.Namespace) -> int:
             epochs = trainer.config.epochs
             if args.resume:
                 say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {epochs}", flush=True)
+                if trainer.lost_best_note():
+                    say(f"pyro-vae: warning: {trainer.lost_best_note()}", file=sys.stderr, flush=True)
                 if trainer.stopped_early:
                     say(
                         f"nothing to train: {stopped_early_line(trainer)}; pass --early-stopping above "
@@ -348,7 +350,7 @@ def train_command(args: argparse.Namespace) -> int:
                 best = metrics[best_epoch(metrics) - 1]
                 say(
                     f"best validation ELBO {best['val_elbo']:.2f} at epoch {best['epoch']} (test ELBO "
-                    f"{best['test_elbo']:.2f}): best.pt, what evaluate and sample use"
+                    f"{best['test_elbo']:.2f}): {best_model_words(trainer)}"
                 )
         say(f"run folder: {run_dir}")
         return 0
@@ -360,8 +362,16 @@ def stopped_early_line(trainer) -> str:
     epochs = f"{patience} epoch{'s' * (patience != 1)}"
     return (
         f"stopped early after epoch {trainer.epochs_done}: {epochs} without a better validation ELBO than epoch "
-        f"{best}'s ({trainer.metrics[best - 1]['val_elbo']:.2f}), whose model is best.pt"
+        f"{best}'s ({trainer.metrics[best - 1]['val_elbo']:.2f}), whose model is "
+        + ("best.pt" if trainer.lost_best_epoch is None else "lost (best.pt is missing)")
     )
+
+
+def best_model_words(trainer) -> str:
+    """Where the best epoch's model is, and what evaluate uses: best.pt, or --model last where it is lost."""
+    if trainer.lost_best_epoch is None:
+        return "best.pt, what evaluate and sample use"
+    return "its model is lost (best.pt is missing): evaluate, sample and compare need --model last"
 
 
 def warn_if_config_edited(run, options: str) -> None:
