@@ -460,12 +460,19 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.run_dir is None:
         vae, x, exact = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
         name, title = "linear_gaussian", f"linear-Gaussian VAE, {len(x)} datapoints, exact log p(x) known"
+        about = {"model": "linear_gaussian"}
     else:
         run = load_run(args.run_dir, "cpu", args.model)
         warn_if_config_edited(run, "--data-dir")
-        vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
+        test, data = run.test_data(args.data_dir, args.allow_different_data)
+        vae, x, exact = run.vae, test.first(args.num_data), None
         model = f"{run.model} model, epoch {run.model_epoch}"
-        name, title = "run", f"{Path(args.run_dir).name} ({model}): {len(x)} test images"
+        # the other model's table beside, never over, the default model's (as evaluate's evaluation-last.json)
+        name = "run" if run.is_default_model else f"run-{run.model}"
+        title = f"{Path(args.run_dir).name} ({model}): {len(x)} test images"
+        about = {"run": str(args.run_dir), "model": run.model, "model_epoch": run.model_epoch}
+        about |= {"epochs": len(run.metrics), "data_fingerprint": data["fingerprint"]}
+    about |= {"num_data": len(x), "seed": args.seed, "threads": args.threads}
     flags = "--particles or --num-data"
     check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), flags, parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
@@ -476,7 +483,7 @@ def compare_command(args: argparse.Namespace) -> int:
     print(compare.format_table(rows))
     print(compare.table_units(len(x)))
     # both written atomically: a symlink there is replaced, never followed
-    csv_path = compare.write_csv(rows, out / f"{name}.csv")
+    csv_path = compare.write_csv(rows, out / f"{name}.csv", about)
     png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)
     print(f"written: {csv_path}, {png_path}")
     return 0

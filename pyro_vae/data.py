@@ -21,6 +21,7 @@ same, and a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
@@ -498,6 +499,18 @@ class Batches:
     def full(self) -> torch.Tensor:
         """The whole split as float32 pixels in stored order, for evaluation: :meth:`eval_batches` joined."""
         return torch.cat([x for x, _ in self.eval_batches()])
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first ``n`` images of :meth:`full` (all of them if fewer), reading no batch beyond them."""
+        check_count("n", n, 0)
+        taken, count = [], 0
+        with contextlib.closing(self.eval_batches()) as batches:  # a streamed split's workers end here
+            for x, _ in batches if n else ():
+                taken.append(x[: n - count])
+                count += taken[-1].shape[0]
+                if count == n:
+                    break
+        return torch.cat(taken) if taken else self._shaped(torch.empty(0, *self.image_shape, device=self.device))
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The split in stored order, ``batch_size`` images at a time, with the labels.
