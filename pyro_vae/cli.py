@@ -389,7 +389,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     check_importance_samples(args.num_samples)  # before the run is loaded
     run = load_run(args.run_dir, args.device, args.model)
-    warn_if_config_edited(run, "--data-dir, --device")
+    warn_if_config_edited(run, "--data-dir, --data-memory, --device")
+    if args.data_memory is not None:  # this machine's budget, not the one the run was trained with
+        run.config = dataclasses.replace(run.config, data_memory=args.data_memory)
     evaluated = run.evaluate(
         args.data_dir,
         args.allow_different_data,
@@ -400,6 +402,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     )
     result, summary, json_path, idata_path = evaluated
     n_idata, data = result.log_weights.shape[1], summary["data"]
+    print(f"data: {data['source']}{result.reading}")
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(
         f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, {run.model} model: "
@@ -595,6 +598,13 @@ def parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=100,
         help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)",
+    )
+    e.add_argument(
+        "--data-memory",
+        type=non_negative,
+        metavar="GIB",
+        help="GiB of images evaluate may hold in memory; a folder or .npy file over it streams from disk, batch by "
+        "batch, with the same results (default: the run's --data-memory, or half of the memory free)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -480,10 +480,14 @@ class Batches:
 
     def levels(self) -> torch.Tensor:
         """The whole split's 8-bit levels ``k / 255`` in stored order (not binarized, not dequantized)."""
+        return torch.cat(list(self.level_batches()))
+
+    def level_batches(self) -> Iterator[torch.Tensor]:
+        """:meth:`levels` ``batch_size`` images at a time, read one batch at a time."""
         if not self.eight_bit:
             raise DataError(f"a {self.binarization}-binarized split has no 8-bit levels")
-        stored = torch.arange(self.size)
-        return torch.cat([self._shaped(images.float() / 255.0) for images, _ in self._loaded(stored, self.batch_size)])
+        for images, _ in self._loaded(torch.arange(self.size), self.batch_size):
+            yield self._shaped(images.float() / 255.0)
 
     def epoch(self, epoch_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(pixels, labels)`` minibatches; a function of ``(seed, epoch_index)`` only."""
