@@ -20,6 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .checks import MIN_IMPORTANCE_SAMPLES, check_importance_samples
 from .config import TrainConfig
 from .errors import ConfigError, DataError, DistributedError, NumericalError
 from .launcher import launched, rank_label
@@ -61,6 +62,7 @@ def _number(kind, minimum=None, maximum=None, what="a number"):
     return parse
 
 
+whole_number = _number(int, what="a whole number")
 positive_int = _number(int, 1, what="a whole number")
 seed_int = _number(int, 0, 2**63 - 1, what="a whole number")
 learning_rate = _number(float, 1e-12, 10.0)
@@ -297,6 +299,8 @@ def train_command(args: argparse.Namespace) -> int:
             epochs = trainer.config.epochs
             if args.resume:
                 say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {epochs}", flush=True)
+                if trainer.lost_best_note():
+                    say(f"pyro-vae: warning: {trainer.lost_best_note()}", file=sys.stderr, flush=True)
                 if trainer.stopped_early:
                     say(
                         f"nothing to train: {stopped_early_line(trainer)}; pass --early-stopping above "
@@ -346,7 +350,7 @@ def train_command(args: argparse.Namespace) -> int:
                 best = metrics[best_epoch(metrics) - 1]
                 say(
                     f"best validation ELBO {best['val_elbo']:.2f} at epoch {best['epoch']} (test ELBO "
-                    f"{best['test_elbo']:.2f}): best.pt, what evaluate and sample use"
+                    f"{best['test_elbo']:.2f}): {best_model_words(trainer)}"
                 )
         say(f"run folder: {run_dir}")
         return 0
@@ -358,8 +362,16 @@ def stopped_early_line(trainer) -> str:
     epochs = f"{patience} epoch{'s' * (patience != 1)}"
     return (
         f"stopped early after epoch {trainer.epochs_done}: {epochs} without a better validation ELBO than epoch "
-        f"{best}'s ({trainer.metrics[best - 1]['val_elbo']:.2f}), whose model is best.pt"
+        f"{best}'s ({trainer.metrics[best - 1]['val_elbo']:.2f}), whose model is "
+        + ("best.pt" if trainer.lost_best_epoch is None else "lost (best.pt is missing)")
     )
+
+
+def best_model_words(trainer) -> str:
+    """Where the best epoch's model is, and what evaluate uses: best.pt, or --model last where it is lost."""
+    if trainer.lost_best_epoch is None:
+        return "best.pt, what evaluate and sample use"
+    return "its model is lost (best.pt is missing): evaluate, sample and compare need --model last"
 
 
 def warn_if_config_edited(run, options: str) -> None:
@@ -375,8 +387,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from .evaluate import MIN_SAMPLES_FOR_K_HAT
     from .run import load_run
 
+    check_importance_samples(args.num_samples)  # before the run is loaded
     run = load_run(args.run_dir, args.device, args.model)
-    warn_if_config_edited(run, "--data-dir, --device")
+    warn_if_config_edited(run, "--data-dir, --data-memory, --device")
+    if args.data_memory is not None:  # this machine's budget, not the one the run was trained with
+        run.config = dataclasses.replace(run.config, data_memory=args.data_memory)
     evaluated = run.evaluate(
         args.data_dir,
         args.allow_different_data,
@@ -387,6 +402,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     )
     result, summary, json_path, idata_path = evaluated
     n_idata, data = result.log_weights.shape[1], summary["data"]
+    print(f"data: {data['source']}{result.reading}")
     ll, pk = result.log_likelihood, summary["pareto_k"]
     print(
         f"test ELBO            {result.test_elbo:.2f} nats/image ({result.test_images} images, {run.model} model: "
@@ -447,12 +463,19 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.run_dir is None:
         vae, x, exact = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
         name, title = "linear_gaussian", f"linear-Gaussian VAE, {len(x)} datapoints, exact log p(x) known"
+        about = {"model": "linear_gaussian"}
     else:
         run = load_run(args.run_dir, "cpu", args.model)
         warn_if_config_edited(run, "--data-dir")
-        vae, x, exact = run.vae, run.test_split(args.data_dir, args.allow_different_data).full()[: args.num_data], None
+        test, data = run.test_data(args.data_dir, args.allow_different_data)
+        vae, x, exact = run.vae, test.first(args.num_data), None
         model = f"{run.model} model, epoch {run.model_epoch}"
-        name, title = "run", f"{Path(args.run_dir).name} ({model}): {len(x)} test images"
+        # the other model's table beside, never over, the default model's (as evaluate's evaluation-last.json)
+        name = "run" if run.is_default_model else f"run-{run.model}"
+        title = f"{Path(args.run_dir).name} ({model}): {len(x)} test images"
+        about = {"run": str(args.run_dir), "model": run.model, "model_epoch": run.model_epoch}
+        about |= {"epochs": len(run.metrics), "data_fingerprint": data["fingerprint"]}
+    about |= {"num_data": len(x), "seed": args.seed, "threads": args.threads}
     flags = "--particles or --num-data"
     check_step_memory(vae, max(args.particles), len(x), torch.device("cpu"), flags, parameter_copies=1)  # + gradients
     torch.manual_seed(args.seed)
@@ -463,7 +486,7 @@ def compare_command(args: argparse.Namespace) -> int:
     print(compare.format_table(rows))
     print(compare.table_units(len(x)))
     # both written atomically: a symlink there is replaced, never followed
-    csv_path = compare.write_csv(rows, out / f"{name}.csv")
+    csv_path = compare.write_csv(rows, out / f"{name}.csv", about)
     png_path = compare.plot_comparison(rows, out / f"{name}.png", title=title)
     print(f"written: {csv_path}, {png_path}")
     return 0
@@ -557,9 +580,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path, help=run_dir_help)
     e.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=whole_number,  # below MIN_IMPORTANCE_SAMPLES: the library's refusal, which says why
         default=1000,
-        help="importance samples K per image, at least 2 (Burda et al. use 5000)",
+        help=f"importance samples K per image, at least {MIN_IMPORTANCE_SAMPLES} (Burda et al. use 5000)",
     )
     e.add_argument(
         "--chunk-size", type=positive_int, default=250, help="importance samples drawn at a time (bounds memory)"
@@ -575,6 +598,13 @@ def parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=100,
         help="test images exported to inference_data.nc (posterior draws of z, predictive x, k-hat)",
+    )
+    e.add_argument(
+        "--data-memory",
+        type=non_negative,
+        metavar="GIB",
+        help="GiB of images evaluate may hold in memory; a folder or .npy file over it streams from disk, batch by "
+        "batch, with the same results (default: the run's --data-memory, or half of the memory free)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -155,8 +155,11 @@ def _fields(rows: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row))
 
 
-def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write the rows of :func:`compare_estimators` as CSV, atomically (making parent directories)."""
+def write_csv(rows: Sequence[dict], path: str | Path, about: dict | None = None) -> Path:
+    """Write the rows of :func:`compare_estimators` as CSV, atomically (making parent directories).
+    ``about``: what was compared (the model and its epoch, the data, the seed...), the same in every
+    row, as columns after the statistics, so that the file says what it describes."""
+    rows = [{**row, **(about or {})} for row in rows]
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:

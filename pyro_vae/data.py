@@ -21,6 +21,7 @@ same, and a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
@@ -479,10 +480,14 @@ class Batches:
 
     def levels(self) -> torch.Tensor:
         """The whole split's 8-bit levels ``k / 255`` in stored order (not binarized, not dequantized)."""
+        return torch.cat(list(self.level_batches()))
+
+    def level_batches(self) -> Iterator[torch.Tensor]:
+        """:meth:`levels` ``batch_size`` images at a time, read one batch at a time."""
         if not self.eight_bit:
             raise DataError(f"a {self.binarization}-binarized split has no 8-bit levels")
-        stored = torch.arange(self.size)
-        return torch.cat([self._shaped(images.float() / 255.0) for images, _ in self._loaded(stored, self.batch_size)])
+        for images, _ in self._loaded(torch.arange(self.size), self.batch_size):
+            yield self._shaped(images.float() / 255.0)
 
     def epoch(self, epoch_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(pixels, labels)`` minibatches; a function of ``(seed, epoch_index)`` only."""
@@ -498,6 +503,18 @@ class Batches:
     def full(self) -> torch.Tensor:
         """The whole split as float32 pixels in stored order, for evaluation: :meth:`eval_batches` joined."""
         return torch.cat([x for x, _ in self.eval_batches()])
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first ``n`` images of :meth:`full` (all of them if fewer), reading no batch beyond them."""
+        check_count("n", n, 0)
+        taken, count = [], 0
+        with contextlib.closing(self.eval_batches()) as batches:  # a streamed split's workers end here
+            for x, _ in batches if n else ():
+                taken.append(x[: n - count])
+                count += taken[-1].shape[0]
+                if count == n:
+                    break
+        return torch.cat(taken) if taken else self._shaped(torch.empty(0, *self.image_shape, device=self.device))
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The split in stored order, ``batch_size`` images at a time, with the labels.

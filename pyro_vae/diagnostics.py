@@ -9,14 +9,17 @@ dimension, the ELBO's two terms (the ArviZ export is :mod:`pyro_vae.inference_da
 * Active units (Burda et al. 2015, section 5.2): ``A_d = Cov_x(E_{q(z|x)}[z_d]) > 0.01``.
 
 Every function runs under ``torch.no_grad`` and returns CPU results; draws use torch's global RNG,
-so seed with ``torch.manual_seed`` for repeatable numbers. ArviZ is imported by the function that
+so seed with ``torch.manual_seed`` for repeatable numbers. The functions of a batch of datapoints
+take ``x`` as one tensor (split ``chunk_size`` rows at a time) or as an iterable of batches, read
+one at a time (a split's images, ``x for x, _ in batches.eval_batches()``): only results per
+datapoint are kept, so a split streamed from disk is never held whole. ArviZ is imported by the function that
 uses it (it takes seconds to import).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyro.distributions as dist
@@ -68,21 +71,31 @@ def pareto_k_summary(k: np.ndarray) -> dict[str, Any]:
     }
 
 
+Data = torch.Tensor | Iterable[torch.Tensor]  # datapoints: one tensor, or its batches one at a time
+
+
+def batches_of(x: Data, chunk_size: int) -> Iterable[torch.Tensor]:
+    """``x`` a batch at a time: a tensor ``chunk_size`` rows at a time, an iterable of batches as it comes."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.split(chunk_size) if x.shape[0] else [x]  # an empty tensor is one empty batch
+
+
 @torch.no_grad()
-def encode(vae, x: torch.Tensor, chunk_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(vae, x: Data, chunk_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's Gaussian ``loc`` and ``scale``, each ``(N, z_dim)`` on the CPU, ``chunk_size``
     datapoints at a time (for ``guide="iaf"``, the Gaussian before the flow)."""
-    parts = [vae.encoder(xb) for xb in x.split(chunk_size)]
+    parts = [vae.encoder(xb) for xb in batches_of(x, chunk_size)]
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
 
 @torch.no_grad()
-def posterior_means(vae, x: torch.Tensor, chunk_size: int = 1000, num_draws: int = 64) -> tuple[torch.Tensor, ...]:
+def posterior_means(vae, x: Data, chunk_size: int = 1000, num_draws: int = 64) -> tuple[torch.Tensor, ...]:
     """``E_q[z|x_i]``, ``(N, z_dim)`` on the CPU, and the variance of its estimate, ``(N, z_dim)``:
     exact (variance 0) for the Gaussian guide; for a flow, whose mean has no closed form, the
     average of ``num_draws`` draws and their sample variance over ``num_draws``."""
     means, noise = [], []
-    for xb in x.split(chunk_size):
+    for xb in batches_of(x, chunk_size):
         q = vae.posterior(xb)
         try:
             means.append(q.mean)
@@ -94,19 +107,21 @@ def posterior_means(vae, x: torch.Tensor, chunk_size: int = 1000, num_draws: int
     return torch.cat(means).cpu(), torch.cat(noise).cpu()
 
 
-def active_units(vae, x: torch.Tensor, threshold: float = 0.01, chunk_size: int = 1000) -> tuple[int, torch.Tensor]:
+def active_units(vae, x: Data, threshold: float = 0.01, chunk_size: int = 1000) -> tuple[int, torch.Tensor]:
     """The number of active latent dimensions and ``Cov_x(E_q[z_d|x])`` per dimension, ``(z_dim,)``:
     the variance over the batch ``x`` of the posterior mean (Burda et al. 2015, section 5.2). For a
     flow the means are Monte Carlo averages (:func:`posterior_means`), whose variance adds
     ``E_x[Var(estimate)]`` to ``Cov_x``: that is subtracted, so the count is not inflated by noise."""
-    if x.shape[0] < 2:
+    if isinstance(x, torch.Tensor) and x.shape[0] < 2:  # refused before any work where the count is known
         raise DataError("active_units needs at least two datapoints to measure a variance")
     means, noise = posterior_means(vae, x, chunk_size)
+    if means.shape[0] < 2:
+        raise DataError("active_units needs at least two datapoints to measure a variance")
     variances = means.var(0) - noise.mean(0)
     return int((variances > threshold).sum()), variances
 
 
-def kl_per_dimension(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tensor:
+def kl_per_dimension(vae, x: Data, chunk_size: int = 1000) -> torch.Tensor:
     """``(1/N) sum_i KL(q(z_d|x_i) || p(z_d))`` per latent dimension, shape ``(z_dim,)``; it sums to
     the mean total KL (for the standard-normal prior, ``1/2 (scale^2 + loc^2 - 1 - log scale^2)``).
     Defined where both factorize over dimensions (standard prior, Gaussian guide); NaN otherwise."""
@@ -118,7 +133,7 @@ def kl_per_dimension(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tens
 
 
 @torch.no_grad()
-def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1, chunk_size: int = 1000) -> dict[str, torch.Tensor]:
+def elbo_terms(vae, x: Data, num_particles: int = 1, chunk_size: int = 1000) -> dict[str, torch.Tensor]:
     """``ELBO(x_i) = E_q[log p(x_i|z)] - KL(q(z|x_i) || p(z))`` split per datapoint, each ``(N,)`` on
     the CPU, ``chunk_size`` datapoints at a time.
 
@@ -128,7 +143,7 @@ def elbo_terms(vae, x: torch.Tensor, num_particles: int = 1, chunk_size: int = 1
     IAF guide). These are the terms of the model as defined (a KL weight belongs to training only).
     """
     prior, terms = vae.prior(), {"reconstruction": [], "kl": []}
-    for xb in x.split(chunk_size) if x.shape[0] else [x]:
+    for xb in batches_of(x, chunk_size):
         q = vae.posterior(xb)
         z = q.sample((num_particles,))
         terms["reconstruction"].append(vae.likelihood(vae.decoder(z)).log_prob(xb).mean(0).cpu())

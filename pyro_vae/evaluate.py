@@ -22,10 +22,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .checks import check_count
+from .checks import check_count, check_importance_samples
 from .diagnostics import K_OK, active_units, elbo_terms, kl_per_dimension, pareto_k, pareto_k_summary
 from .discretized import dequantized_log_likelihood_bound
-from .errors import ConfigError
 from .estimators import DataPlateIWELBO, log_mean_exp, make_elbo
 from .fast_log_weights import draw_noise, fast_path_vae, matches_pyro, vae_log_weights
 from .runtime import seeded
@@ -207,6 +206,7 @@ class Evaluation:
     pixels: int
     log_weights: torch.Tensor  # (K, n) of the first n test images, for the ArviZ export
     dequantized: torch.Tensor | None = None  # per image, for a density on 8-bit data: a bound on log P(x)
+    reading: str = ""  # how the split was read: streamed (Batches.reading), else in memory
 
     def dequantized_bits_per_dim(self) -> float | None:
         """bits/dim of the dequantized bound: comparable with the discretized likelihoods' bits/dim."""
@@ -251,12 +251,14 @@ def evaluate_model(
     keep_log_weights: int = 100,
     progress: bool = False,
 ) -> Evaluation:
-    """Evaluate ``vae`` on the test split ``batches`` (a :class:`~pyro_vae.data.DeviceBatches`):
+    """Evaluate ``vae`` on the test split ``batches`` (:class:`~pyro_vae.data.Batches`, in memory or
+    streamed from disk, read a batch at a time: only results per image are kept, never the split's
+    float32 pixels):
     test ELBO (:func:`mean_elbo`), its two terms, importance-sampled ``log p(x)`` with ``num_samples``
     samples per image and k-hat, active units and KL per latent dimension. The first
     ``keep_log_weights`` images' log-weights are kept for the ArviZ export. ``num_samples`` is at
-    least 2: one importance sample estimates ``log p(x)`` by a one-sample ELBO, which the test ELBO
-    already is, with no standard error per image.
+    least :data:`~pyro_vae.checks.MIN_IMPORTANCE_SAMPLES` (:func:`~pyro_vae.checks.check_importance_samples`
+    says why).
 
     For a density likelihood on 8-bit data (``batches.eight_bit``), also the dequantized bound on the
     probability of the 8-bit images, ``log p((255 x + u) / 256) - D log 256 <= log P(x)``, one
@@ -265,16 +267,10 @@ def evaluate_model(
     expectation, in the units of the discretized likelihoods."""
     from tqdm.auto import tqdm
 
-    check_count("num_samples", num_samples)
-    if num_samples < 2:
-        raise ConfigError(
-            "num_samples (--num-samples) must be at least 2: with one importance sample the estimate of log p(x) is a "
-            "one-sample ELBO, which the test ELBO already reports, with no standard error per image; "
-            "pass 2 or more (Burda et al. use 5000)"
-        )
+    check_importance_samples(num_samples)
     check_count("chunk_size", chunk_size)
     check_count("keep_log_weights", keep_log_weights, minimum=0)
-    from .memory import check_step_memory  # refused before allocating: a chunk's draws, and every log-weight kept
+    from .memory import check_step_memory  # refused before allocating: a chunk's draws, and the log-weights kept
 
     check_step_memory(
         vae,
@@ -283,42 +279,39 @@ def evaluate_model(
         vae.prior_loc.device,
         "--chunk-size or --num-samples",
         training=False,
-        extra_bytes=2 * 8 * num_samples * len(batches.labels),
+        extra_bytes=8 * num_samples * (min(keep_log_weights, batches.size) + batches.batch_size),
     )
+    images = lambda: (x for x, _ in batches.eval_batches())  # noqa: E731 - each pass reads the split anew
     with seeded(vae.prior_loc.device, seed):
-        log_w = [
-            importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size)
-            for x, _ in tqdm(
-                batches.eval_batches(),
-                total=len(batches),
-                desc="importance sampling",
-                disable=None if progress else True,
-                leave=False,
-            )
-        ]
-        x_all = batches.full()
-        terms = elbo_terms(vae, x_all, chunk_size=batches.batch_size)  # a batch at a time, as the memory check counts
+        parts, kept = [], []
+        for x in tqdm(
+            images(), total=len(batches), desc="importance sampling", disable=None if progress else True, leave=False
+        ):
+            log_w = importance_log_weights(vae.model, vae.guide, x, num_samples, chunk_size)
+            parts.append(LogLikelihood.from_log_weights(log_w))
+            kept.append(log_w[:, : keep_log_weights - sum(w.shape[1] for w in kept)])
+        terms = elbo_terms(vae, images())  # a batch at a time, as the memory check counts
         dequantized = None
         if vae.likelihood.data_kind == "density" and batches.eight_bit:
             log_p = lambda y: LogLikelihood.from_log_weights(
                 importance_log_weights(vae.model, vae.guide, y[0], num_samples, chunk_size)
             ).log_px.unsqueeze(0)
-            dequantized = torch.cat(
-                [dequantized_log_likelihood_bound(log_p, x, 1)[0] for x in batches.levels().split(batches.batch_size)]
-            )
-    ll = LogLikelihood.cat([LogLikelihood.from_log_weights(w) for w in log_w])
+            dequantized = torch.cat([dequantized_log_likelihood_bound(log_p, x, 1)[0] for x in batches.level_batches()])
+        active = active_units(vae, images())[0] if batches.size > 1 else None
+    ll = LogLikelihood.cat(parts)
     return Evaluation(
         test_images=ll.log_px.numel(),
         test_elbo=mean_elbo(vae, batches.eval_batches(), seed),
         reconstruction=terms["reconstruction"].mean().item(),
         kl=terms["kl"].mean().item(),
         log_likelihood=ll,
-        active_units=active_units(vae, x_all)[0] if x_all.shape[0] > 1 else None,
-        kl_per_dimension=kl_per_dimension(vae, x_all).tolist(),
+        active_units=active,
+        kl_per_dimension=kl_per_dimension(vae, images()).tolist(),
         data_kind=vae.likelihood.data_kind,
         pixels=math.prod(vae.x_shape),
-        log_weights=torch.cat(log_w, dim=1)[:, :keep_log_weights],
+        log_weights=torch.cat(kept, dim=1),
         dequantized=dequantized,
+        reading=batches.reading,
     )
 
 
@@ -331,4 +324,4 @@ def export_inference_data(vae, batches, evaluation: Evaluation, chunk_size: int 
 
     n = evaluation.log_weights.shape[1]
     max_draws = min(chunk_size, evaluation.log_likelihood.num_samples) * batches.batch_size
-    return to_inference_data(vae, batches.full()[:n], log_weights=evaluation.log_weights, max_draws=max_draws, **kwargs)
+    return to_inference_data(vae, batches.first(n), log_weights=evaluation.log_weights, max_draws=max_draws, **kwargs)

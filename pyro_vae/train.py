@@ -213,6 +213,27 @@ class Trainer:
     def epochs_done(self) -> int:
         return len(self.metrics)
 
+    @property
+    def lost_best_epoch(self) -> int | None:
+        """The epoch of the best validation ELBO so far when its model, ``best.pt``, is missing (deleted,
+        or never written): that model is lost, and only a later epoch with a better validation ELBO
+        writes a new ``best.pt``; None while ``best.pt`` is there, or for a run without a validation split."""
+        if self.validation_batches is None or not self.metrics or (self.folder / RunFolder.BEST).is_file():
+            return None
+        return best_epoch(self.metrics)
+
+    def lost_best_note(self) -> str | None:
+        """What a resume must say when :attr:`lost_best_epoch` is set (one line), else None. Training
+        goes on: stopping would keep nothing more, and the epochs it adds may yet give a new best."""
+        epoch = self.lost_best_epoch
+        if epoch is None:
+            return None
+        return (
+            f"{self.folder / RunFolder.BEST} is missing: the model of epoch {epoch}, the best validation ELBO so far "
+            f"({self.metrics[epoch - 1]['val_elbo']:.2f}), is lost unless you put that file back; until a later "
+            "epoch beats it, evaluate, sample and compare need --model last"
+        )
+
     def kl_weight(self, epoch: int, step: int) -> float:
         """The KL weight of annealing: linear from 0 to 1 over ``kl_anneal_epochs`` epochs, then 1."""
         if self.config.kl_anneal_epochs == 0:

@@ -53,6 +53,8 @@ def test_compare_on_the_linear_gaussian_model_writes_table_csv_and_figure(tmp_pa
     assert "gap_to_log_px" in out and "iwae" in out
     rows = (tmp_path / "linear_gaussian.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 2  # header, 4 estimators x 2 particle counts
+    assert rows[0].startswith("estimator,num_particles,") and rows[0].endswith(",model,num_data,seed,threads")
+    assert all(row.endswith(",linear_gaussian,32,0,1") for row in rows[1:])  # what was compared: the defaults
     assert matplotlib.image.imread(tmp_path / "linear_gaussian.png").shape[1] > 500
 
 

@@ -206,6 +206,36 @@ def test_csv_round_trip_png_and_table(tmp_path, linear_gaussian):
     assert lines[0].split() == list(rows[0])
 
 
+def test_the_csv_of_a_run_says_which_model_and_epoch_it_compared_and_each_model_has_its_own(tmp_path, capsys):
+    from pyro_vae import TrainConfig, load_run
+    from pyro_vae.cli import main
+    from pyro_vae.schedule import best_epoch
+    from pyro_vae.train import train
+
+    write_dataset(tmp_path / "data", gz=True, n_train=320, n_test=64)
+    small = dict(dataset="mnist", hidden=(32,), z_dim=3, batch_size=32, max_test=64, step="eager")
+    config = TrainConfig(epochs=4, data_dir=str(tmp_path / "data"), validation_size=64, lr=0.3, seed=1, **small)
+    metrics = train(config, tmp_path / "run", progress=False)
+    assert best_epoch(metrics) < len(metrics), "the best epoch must not be the last for this test to mean anything"
+    fingerprint = load_run(tmp_path / "run", "cpu").data["fingerprint"]
+    args = ["--estimators", "trace", "iwae", "--particles", "1", "2", "--repeats", "2", "--num-data", "5", "--seed", "3"]
+    read = {}
+    for model, name in (("best", "run"), ("last", "run-last")):  # the default model's file keeps its name
+        assert main(["compare", str(tmp_path / "run"), "--model", model, *args, "--no-progress"]) == 0
+        assert f"{name}.csv, " in capsys.readouterr().out
+        with (tmp_path / "run" / "compare" / f"{name}.csv").open(newline="") as f:
+            read[model] = list(csv.DictReader(f))
+    assert sorted(p.name for p in (tmp_path / "run" / "compare").iterdir()) == ["run-last.csv", "run-last.png", "run.csv", "run.png"]
+    for model, epoch in (("best", best_epoch(metrics)), ("last", len(metrics))):
+        rows = read[model]
+        assert len(rows) == 4 and list(rows[0])[0] == "estimator"  # the statistics first, as before
+        assert [(r["estimator"], r["num_particles"]) for r in rows] == [("trace", "1"), ("trace", "2"), ("iwae", "1"), ("iwae", "2")]
+        about = {"run": str(tmp_path / "run"), "model": model, "model_epoch": str(epoch), "epochs": str(len(metrics)),
+                 "data_fingerprint": fingerprint, "num_data": "5", "seed": "3", "threads": "1"}
+        assert all({k: r[k] for k in about} == about for r in rows)
+        assert list(rows[0])[-len(about):] == list(about)
+
+
 @pytest.mark.slow
 def test_example_runs_with_tiny_arguments(tmp_path):
     write_dataset(tmp_path / "data", gz=True, n_train=64, n_test=16)

@@ -232,17 +232,25 @@ def test_evaluate_on_other_data_never_replaces_the_runs_own_results_and_every_fi
 # --------------------------------------------------------- 5: one importance sample, one image
 
 
-def test_one_importance_sample_is_refused_alike_by_the_command_and_the_library(folder, capsys):
+@pytest.mark.parametrize("k", [1, 0, -3])
+def test_too_few_importance_samples_are_refused_alike_by_the_command_and_the_library(folder, capsys, k):
+    """One message for every K below the minimum, the command's the library's word for word: it names
+    the minimum and why (one weight is a one-sample ELBO, with no spread for a standard error)."""
     from pyro_vae import ConfigError
+    from pyro_vae.checks import MIN_IMPORTANCE_SAMPLES
     from pyro_vae.evaluate import evaluate_model
     from pyro_vae.run import load_run
 
-    message = "num_samples (--num-samples) must be at least 2: with one importance sample the estimate of log p(x) is a one-sample ELBO"
-    refused(capsys, ["evaluate", folder.path, "--num-samples", "1", "--device", "cpu", "--no-progress"], message)
+    assert MIN_IMPORTANCE_SAMPLES == 2
+    err = refused(capsys, ["evaluate", folder.path, "--num-samples", k, "--device", "cpu", "--no-progress"], f"got {k}")
     folder.assert_unchanged()
     run = load_run(folder.path, "cpu")
-    with pytest.raises(ConfigError, match=r"^num_samples \(--num-samples\) must be at least 2"):
-        evaluate_model(run.vae, run.test_split(), seed=0, num_samples=1)
+    with pytest.raises(ConfigError) as library:
+        evaluate_model(run.vae, run.test_split(), seed=0, num_samples=k)
+    message = str(library.value)
+    assert err == f"pyro-vae: error: {message}\n"
+    assert message.startswith(f"num_samples (--num-samples) must be at least 2, got {k}: with one importance sample the estimate of log p(x) is a one-sample ELBO")
+    assert "standard error" in message and "pass 2 or more" in message
 
 
 def test_active_units_of_one_test_image_are_not_measurable_rather_than_zero(tmp_path, data, capsys):

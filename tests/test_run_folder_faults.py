@@ -190,7 +190,7 @@ def test_a_setting_for_another_likelihood_is_refused_not_ignored(tmp_path, data,
 
 
 RUN_OPTIONS = [
-    ("evaluate", ["--num-samples", "0"], "argument --num-samples: 0 is out of range"),
+    ("evaluate", ["--num-samples", "0"], "num_samples (--num-samples) must be at least 2, got 0: with one importance sample"),
     ("evaluate", ["--num-samples", "2.5"], "argument --num-samples: '2.5' is not a whole number"),
     ("evaluate", ["--chunk-size", "-5"], "argument --chunk-size: -5 is out of range"),
     ("evaluate", ["--idata-points", "-1"], "argument --idata-points: -1 is out of range"),

@@ -199,6 +199,54 @@ def test_a_run_without_validation_has_no_best_model(tmp_path, data_dir, capsys):
     )
 
 
+def test_a_resume_without_best_pt_says_its_model_is_lost_and_trains_on(tmp_path, data_dir, capsys):
+    """best.pt deleted: the resume says on one line that the best epoch's model is lost and what
+    evaluate needs, and trains on; when no later epoch beats that one, the run ends saying so, and
+    evaluate is refused by default naming --model last. Nothing else is lost."""
+    run = tmp_path / "run"
+    base = ["--dataset", "mnist", "--hidden", "32", "--z-dim", "3", "--batch-size", "32", "--max-test", "64"]
+    base += ["--data-dir", data_dir, "--validation-size", "64", "--lr", "0.3", "--seed", "1", "--step", "eager"]
+    assert main(["train", *base, "--epochs", "3", "--no-progress", "--run-dir", str(run)]) == 0
+    before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert load_checkpoint(run / "best.pt")["epoch"] == best_epoch(before) == 3
+    (run / "best.pt").unlink()
+    capsys.readouterr()
+
+    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "4", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    value = f"{before[2]['val_elbo']:.2f}"
+    assert err == (
+        f"pyro-vae: warning: {run / 'best.pt'} is missing: the model of epoch 3, the best validation ELBO so far "
+        f"({value}), is lost unless you put that file back; until a later epoch beats it, evaluate, sample and "
+        "compare need --model last\n"
+    )
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[:3] == before and len(metrics) == 4  # trained on
+    assert best_epoch(metrics) == 3, "epoch 4 must not beat epoch 3 for this test to mean anything"
+    assert not (run / "best.pt").exists()
+    assert f"best validation ELBO {value} at epoch 3 (test ELBO {metrics[2]['test_elbo']:.2f}): its model is lost " \
+        "(best.pt is missing): evaluate, sample and compare need --model last" in out
+    assert main(["train", "--resume", "--run-dir", str(run), "--early-stopping", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert f"nothing to train: stopped early after epoch 4: 1 epoch without a better validation ELBO than epoch 3's " \
+        f"({value}), whose model is lost (best.pt is missing)" in out and "the model of epoch 3" in err
+    assert main(["evaluate", str(run), "--num-samples", "2", "--no-progress"]) == 2
+    assert f"{run} has no best.pt (deleted?); use --model last" in capsys.readouterr().err
+
+
+def test_a_later_epoch_that_beats_the_lost_best_writes_a_new_best_pt(tmp_path, data_dir):
+    config = TrainConfig(epochs=1, data_dir=data_dir, validation_size=64, **NO_MANIFOLD)
+    train(config, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "best.pt").unlink()
+    with Trainer(None, tmp_path / "run", resume=True, progress=False, changes={"epochs": 2}) as trainer:
+        assert trainer.lost_best_epoch == 1 and "the model of epoch 1" in trainer.lost_best_note()
+        metrics = trainer.fit()
+        assert best_epoch(metrics) == 2, "epoch 2 must beat epoch 1 for this test to mean anything"
+        assert trainer.lost_best_epoch is None and trainer.lost_best_note() is None
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+    assert load_run(tmp_path / "run", "cpu").model_epoch == 2
+
+
 @pytest.mark.slow
 def test_a_resumed_run_with_a_plateau_schedule_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
     config = dict(data_dir=data_dir, validation_size=64, lr_schedule="plateau", lr_patience=1, lr=0.3, **NO_MANIFOLD)

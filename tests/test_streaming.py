@@ -162,6 +162,61 @@ def test_a_run_on_streamed_data_gives_the_metrics_of_device_resident_data_and_le
     assert not multiprocessing.active_children()
 
 
+def test_evaluation_of_a_streamed_split_is_the_in_memory_one_to_the_bit(tmp_path):
+    """evaluate_model reads a split batch by batch, so a test split left on disk gives every number of
+    the same split in memory: log-weights, log p(x), the dequantized bound, the ELBO's terms, active units."""
+    from pyro_vae.evaluate import evaluate_model, export_inference_data
+    from pyro_vae.model import build_vae
+    from pyro_vae.run import config_for_data
+
+    array = npy_file(tmp_path / "x.npy", n=60)
+    whole, streamed = (load_dataset("array", array, test_fraction=0.35, memory_budget=b, progress=False) for b in (None, 0))
+    config = TrainConfig(dataset="array", likelihood="normal", hidden=(8,), z_dim=3, batch_size=8, data_workers=0)
+    config = config_for_data(config, whole)
+    resident, read = (split_batches(config, d, "test", torch.device("cpu")) for d in (whole, streamed))
+    assert isinstance(resident, DeviceBatches) and isinstance(read, StreamedBatches)
+    assert resident.size == 21 and len(resident) == 3  # the last batch short
+    torch.manual_seed(0)
+    vae = build_vae(config)
+    results, exports = [], []
+    for batches in (resident, read):
+        results.append(evaluate_model(vae, batches, seed=4, num_samples=5, chunk_size=3, keep_log_weights=10))
+        torch.manual_seed(1)  # the export's draws come from torch's RNG
+        exports.append(export_inference_data(vae, batches, results[-1], chunk_size=3))
+    a, b = results
+    assert a.summary() == b.summary() and a.dequantized is not None and a.active_units is not None
+    for field in ("log_px", "standard_error"):
+        assert torch.equal(getattr(a.log_likelihood, field), getattr(b.log_likelihood, field))
+    assert torch.equal(a.log_weights, b.log_weights) and a.log_weights.shape == (5, 10)
+    assert torch.equal(a.dequantized, b.dequantized)
+    assert exports[0].posterior.equals(exports[1].posterior)
+    assert exports[0].observed_data.equals(exports[1].observed_data)
+    assert not multiprocessing.active_children()
+
+
+def test_pyro_vae_evaluate_streams_a_split_over_data_memory_with_the_numbers_of_one_in_memory(tmp_path, capsys):
+    from pyro_vae import load_run
+    from pyro_vae.cli import main
+
+    array = npy_file(tmp_path / "x.npy", n=60)
+    run = tmp_path / "run"
+    args = ["--dataset", "array", "--data-dir", str(array), "--test-fraction", "0.35", "--likelihood", "normal"]
+    args += ["--hidden", "8", "--z-dim", "3", "--batch-size", "8", "--epochs", "1", "--step", "eager", "--no-progress"]
+    assert main(["train", *args, "--data-memory", "0", "--data-workers", "0", "--run-dir", str(run)]) == 0
+    assert isinstance(load_run(run, "cpu").test_split(), StreamedBatches)  # the run's budget: evaluate streams
+    evaluate = ["evaluate", str(run), "--num-samples", "4", "--chunk-size", "3", "--idata-points", "5", "--no-progress"]
+    records, said = [], []
+    for budget in ([], ["--data-memory", "1"]):  # the run's own budget of 0 GiB, then 1 GiB: in memory
+        capsys.readouterr()
+        assert main([*evaluate, *budget]) == 0
+        said.append(capsys.readouterr().out.splitlines()[0])
+        records.append(json.loads((run / "evaluation.json").read_text()))
+    assert said == [f"data: numpy file {array}, streamed from disk by 0 DataLoader workers (over the memory budget)",
+                    f"data: numpy file {array}"]
+    assert records[0] == records[1] and records[0]["test_images"] == 21
+    assert records[0]["dequantized_log_likelihood"] is not None  # the 8-bit levels were read, batch by batch too
+
+
 def cli(*args):
     return [sys.executable, "-m", "pyro_vae.cli", *args]
 
