@@ -281,7 +281,10 @@ def evaluate_model(
         training=False,
         extra_bytes=8 * num_samples * (min(keep_log_weights, batches.size) + batches.batch_size),
     )
-    images = lambda: (x for x, _ in batches.eval_batches())  # noqa: E731 - each pass reads the split anew
+
+    def images():  # the split's images a batch at a time; each pass reads the split anew
+        return (x for x, _ in batches.eval_batches())
+
     with seeded(vae.prior_loc.device, seed):
         parts, kept = [], []
         for x in tqdm(
