@@ -393,8 +393,8 @@ class Trainer:
                 self.metrics.append(row)
                 self.save()
                 self.record_time(epoch + 1, time.perf_counter() - started)
-            if self.progress:
-                print(epoch_line(row), flush=True)
+                if self.progress:  # before a deferred Ctrl-C is raised: every kept epoch has its line
+                    print(epoch_line(row), flush=True)
         return self.metrics
 
     def learning_rate(self) -> float:

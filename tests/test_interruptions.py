@@ -131,11 +131,12 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.slow
 def test_ctrl_c_during_a_save_keeps_the_epoch_it_names(tmp_path, data):
     run = tmp_path / "run"
-    argv = ["train", *TINY, "--no-progress", "--epochs", 3, "--data-dir", data, "--run-dir", run]
+    argv = ["train", *TINY, "--epochs", 3, "--data-dir", data, "--run-dir", run]  # progress on: the epoch lines
     done = subprocess.run([sys.executable, "-c", INTERRUPT_THE_SECOND_SAVE, *map(str, argv)], capture_output=True, text=True,
                           env=ENV, timeout=300, preexec_fn=ctrl_c_as_in_a_terminal)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == f"interrupted after 2 epochs; continue with: pyro-vae train --resume --run-dir {run}"
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("epoch")] == ["1", "2"], done.stdout
     assert epochs_saved(run) == 2 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
 
