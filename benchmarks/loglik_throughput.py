@@ -26,6 +26,7 @@ import torch
 from timing import describe_machine, sync
 
 from pyro_vae import VAE
+from pyro_vae.cli import positive_int, seed_int  # whole numbers from 1, from 0
 from pyro_vae.data import DeviceBatches, load_dataset
 from pyro_vae.evaluate import ImportanceSamplingWarning, log_marginal_likelihood
 
@@ -43,12 +44,12 @@ def timed(device: torch.device, fn) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--test-images", type=int, default=500, help="10000 for the whole test set")
-    p.add_argument("--num-samples", type=int, default=5000)
-    p.add_argument("--chunk-size", type=int, default=500, help="particles per pass")
-    p.add_argument("--batch-size", type=int, default=100, help="images per pass")
-    p.add_argument("--pyro-batches", type=int, default=1, help="batches also run through the Pyro program (0: none)")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--test-images", type=positive_int, default=500, help="10000 for the whole test set")
+    p.add_argument("--num-samples", type=positive_int, default=5000)
+    p.add_argument("--chunk-size", type=positive_int, default=500, help="particles per pass")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per pass")
+    p.add_argument("--pyro-batches", type=seed_int, default=1, help="batches also run through the Pyro program (0: none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
@@ -78,7 +79,7 @@ def main(argv=None):
             pairs[fast] += x.shape[0] * args.num_samples
     peak = 2 * n**3 / statistics.mean(matmul)
     flops = 2 * (vae.z_dim * vae.decoder.net[0].out_features + vae.decoder.net[0].out_features * 784)
-    print(f"importance-sampled log p(x), {args.prior} prior, {args.guide} guide, K={args.num_samples}, chunks of {args.chunk_size}, batches of {args.batch_size}; "
+    print(f"importance-sampled log p(x), {args.prior} prior, {args.guide} guide, K={args.num_samples}, chunks of {min(args.chunk_size, args.num_samples)}, batches of {args.batch_size}; "
           f"{describe_machine(device)}")
     print(f"float32 {n}x{n} matmul, mean of {len(matmul)} (three before each timed batch): {peak / 1e9:.1f} GFLOP/s")
     rates = {}
