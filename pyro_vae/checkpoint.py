@@ -65,6 +65,24 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
         raise
 
 
+def check_writable_folder(folder: str | os.PathLike, option: str = "--out") -> None:
+    """:class:`ConfigError`, naming ``option``, unless files can be written in ``folder``: a folder, or
+    a path not made yet whose nearest existing parent is one, where a temporary file can be created
+    (and is removed at once). For a check before the work whose results go there, so that a long
+    computation never ends in a folder that cannot take them (read-only, not yours, not a folder)."""
+    folder = Path(folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder} is a file, not a folder; pass {option} with a folder")
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pyro-vae-can-write.", suffix=".tmp", dir=nearest)
+    except OSError as e:
+        reason = e.strerror or e
+        raise ConfigError(f"cannot write to {folder}: {reason}; pass {option} with a place you can write to") from e
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)  # a run folder's next lock holder may have removed it already
+
+
 def _disk_full(e: BaseException, folder: Path) -> bool:
     """Whether a writer's failure ``e`` came from a full disk: it says so, or (checked before its
     temporary file is removed) the folder's file system has next to no space left."""

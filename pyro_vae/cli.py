@@ -11,7 +11,6 @@ the rank (``pyro-vae: error (rank 1 of 2): ...``) and a lost or failed peer exit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -385,21 +384,24 @@ def warn_if_config_edited(run, options: str) -> None:
 def evaluate_command(args: argparse.Namespace) -> int:
     from .diagnostics import K_GOOD, K_OK
     from .evaluate import MIN_SAMPLES_FOR_K_HAT
-    from .run import load_run
+    from .run import opened_run
 
     check_importance_samples(args.num_samples)  # before the run is loaded
-    run = load_run(args.run_dir, args.device, args.model)
-    warn_if_config_edited(run, "--data-dir, --data-memory, --device")
-    if args.data_memory is not None:  # this machine's budget, not the one the run was trained with
-        run.config = dataclasses.replace(run.config, data_memory=args.data_memory)
-    evaluated = run.evaluate(
-        args.data_dir,
-        args.allow_different_data,
-        args.num_samples,
-        args.chunk_size,
-        args.idata_points,
-        not args.no_progress,
-    )
+    # into the run folder: its lock first, then the load, so that what is evaluated is what the lock protects;
+    # with --out the run folder is only read, unlocked (SavedRun.evaluate says why)
+    with opened_run(args.run_dir, args.device, args.model, None if args.out else "evaluate") as run:
+        warn_if_config_edited(run, "--data-dir, --data-memory, --device")
+        if args.data_memory is not None:  # this machine's budget, not the one the run was trained with
+            run.config = dataclasses.replace(run.config, data_memory=args.data_memory)
+        evaluated = run.evaluate(
+            args.data_dir,
+            args.allow_different_data,
+            args.num_samples,
+            args.chunk_size,
+            args.idata_points,
+            not args.no_progress,
+            args.out,
+        )
     result, summary, json_path, idata_path = evaluated
     n_idata, data = result.log_weights.shape[1], summary["data"]
     print(f"data: {data['source']}{result.reading}")
@@ -452,6 +454,7 @@ def compare_command(args: argparse.Namespace) -> int:
     import torch
 
     from . import compare
+    from .checkpoint import check_writable_folder
     from .linear_gaussian import linear_gaussian_vae
     from .memory import check_step_memory
     from .run import RunFolder, load_run
@@ -459,6 +462,7 @@ def compare_command(args: argparse.Namespace) -> int:
     out = args.out or (Path(args.run_dir) / "compare" if args.run_dir else Path("runs") / "compare")
     if args.run_dir is not None:
         RunFolder(args.run_dir).check_output(out)
+    check_writable_folder(out, "--out")  # before the estimators run, not after
     torch.set_num_threads(args.threads)
     if args.run_dir is None:
         vae, x, exact = linear_gaussian_vae(num_data=args.num_data, seed=args.seed)
@@ -495,22 +499,24 @@ def compare_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     import torch
 
+    from .checkpoint import check_writable_folder
     from .memory import check_step_memory
     from .model import GENERATE_CHUNK_SIZE
     from .plots import plot_image_grid
-    from .run import RunFolder, load_run
+    from .run import RunFolder, opened_run
 
     chosen = f"-{args.model}" if args.model else ""  # best's and last's grids side by side, never one over the other
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}{chosen}.png"  # never samples.png
     RunFolder(args.run_dir).check_output(out)
-    run = load_run(args.run_dir, args.device, args.model)
-    warn_if_config_edited(run, "--device")
-    check_step_memory(run.vae, 1, min(args.num, GENERATE_CHUNK_SIZE), run.vae.prior_loc.device, "--num", training=False)
-    torch.manual_seed(args.seed)
-    inside = (
-        Path(out).resolve().parent == run.folder.path.resolve()
-    )  # then a trainer starting now must not clean up our temporary file
-    with run.folder.locked("sample") if inside else contextlib.nullcontext():
+    check_writable_folder(Path(out).parent, "--out")
+    # inside the run folder: locked first (a trainer starting now must not clean up our temporary file), then loaded
+    inside = Path(out).resolve().parent == Path(args.run_dir).resolve()
+    with opened_run(args.run_dir, args.device, args.model, "sample" if inside else None) as run:
+        warn_if_config_edited(run, "--device")
+        check_step_memory(
+            run.vae, 1, min(args.num, GENERATE_CHUNK_SIZE), run.vae.prior_loc.device, "--num", training=False
+        )
+        torch.manual_seed(args.seed)
         title = f"samples from the prior ({run.model} model, epoch {run.model_epoch}): mean of p(x|z), z ~ p(z)"
         plot_image_grid(run.vae.generate(args.num).cpu(), out, title=title, image_shape=run.config.image_shape)
     print(f"written: {out}")
@@ -575,9 +581,16 @@ def parser() -> argparse.ArgumentParser:
         help="test ELBO, importance-sampled log p(x), PSIS k-hat, active units",
         description="Evaluate a saved run on its test images: test ELBO and its two terms, importance-sampled log "
         "p(x) with standard error and PSIS k-hat, bits/dim where log p(x) is a probability, active "
-        "units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder.",
+        "units. Writes evaluation.json and inference_data.nc (ArviZ) into the run folder, or into --out.",
     )
     e.add_argument("run_dir", type=Path, help=run_dir_help)
+    e.add_argument(
+        "--out",
+        type=Path,
+        help="folder for evaluation.json and inference_data.nc, for a run folder you cannot or would not write "
+        "(read-only, archived, shared); the run folder is then only read, not locked, and the results there are "
+        "never marked stale (default: the run folder)",
+    )
     e.add_argument(
         "--num-samples",
         type=whole_number,  # below MIN_IMPORTANCE_SAMPLES: the library's refusal, which says why

@@ -227,7 +227,16 @@ def _load_idx_dir(name: str, directory: Path, files: dict[str, Path]) -> ImageDa
     return ImageDataset(name=name, source=source, classes=classes, **arrays)
 
 
-def _not_found(name: str, looked: list[Path], root: Path, explicit: bool) -> DataError:
+def _moved(root: Path) -> DataError:
+    """A saved run's data folder that no longer holds its data: the user never named it, so no spelling to check."""
+    return DataError(
+        f"the run's data were in {root}, which no longer holds them; pass --data-dir with their new location"
+    )
+
+
+def _not_found(name: str, looked: list[Path], root: Path, explicit: bool, from_run: bool = False) -> DataError:
+    if from_run:
+        return _moved(root)
     ways = [f"put the four IDX files ({', '.join(IDX_STEMS.values())}, each plain or .gz) in one of those folders"]
     if explicit:
         ways.append("check the spelling of --data-dir, or leave it out to use the usual places")
@@ -250,6 +259,7 @@ def load_dataset(
     layout: str | None = None,
     progress: bool = True,
     memory_budget: int | None = None,
+    from_run: bool = False,
 ) -> ImageDataset:
     """Load a dataset's train and test splits.
 
@@ -265,8 +275,13 @@ def load_dataset(
     A folder or ``.npy`` file whose images take more than ``memory_budget`` bytes (default:
     :func:`~pyro_vae.memory.data_memory_budget`) stays on disk (:attr:`ImageDataset.streamed`); the
     other sources are read whole (the largest, SVHN, is about 0.2 GiB).
+
+    ``from_run``: ``data_dir`` is the place a saved run recorded, not one the user gave; where it no
+    longer exists or holds the data, the error says so and asks for ``--data-dir`` with their new place.
     """
     name = dataset_name(name)
+    if from_run and data_dir is not None and not data_dir_path(data_dir).exists():
+        raise _moved(data_dir_path(data_dir))
     if image_size is not None and name != "folder":
         raise ConfigError(f"image_size (--image-size) resizes the images of --dataset folder, not {name}: leave it out")
     if layout is not None and name != "array":
@@ -300,7 +315,7 @@ def load_dataset(
         if files is not None:
             return _load_idx_dir(name, directory.resolve(), files)
     if not download:
-        raise _not_found(name, places, root, explicit)
+        raise _not_found(name, places, root, explicit, from_run and explicit)
     _download(name, root, {"train": True}, lambda e: _not_found(name, places, root, explicit))
     files = _find_idx_files(raw)
     if files is None:

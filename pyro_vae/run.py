@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import check_writable_folder, load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
 from .data import Batches, DeviceBatches, ImageDataset, held_out, load_dataset
 from .errors import ConfigError, DataError
@@ -81,9 +81,13 @@ def streams(config: TrainConfig, dataset: ImageDataset, device: torch.device) ->
     return dataset.nbytes > data_memory_budget(config.data_memory, device)
 
 
-def dataset_for(config: TrainConfig, data_dir: str | None = None, progress: bool = False) -> ImageDataset:
-    """The data set ``config`` names, read from ``data_dir`` (default: the run's own ``config.data_dir``);
-    a folder or ``.npy`` over ``config.data_memory`` GiB (:func:`~pyro_vae.memory.data_memory_budget`) stays on disk."""
+def dataset_for(
+    config: TrainConfig, data_dir: str | None = None, progress: bool = False, from_run: bool = False
+) -> ImageDataset:
+    """The data set ``config`` names, read from ``data_dir`` (default: the run's own ``config.data_dir``;
+    ``from_run``: that is the place a saved run recorded, not one just given, which an error names as
+    the run's if the data are no longer there); a folder or ``.npy`` over ``config.data_memory`` GiB
+    (:func:`~pyro_vae.memory.data_memory_budget`) stays on disk."""
     from .memory import data_memory_budget
 
     return load_dataset(
@@ -95,6 +99,7 @@ def dataset_for(config: TrainConfig, data_dir: str | None = None, progress: bool
         layout=config.layout,
         progress=progress,
         memory_budget=data_memory_budget(config.data_memory),
+        from_run=from_run and data_dir is None,
     )
 
 
@@ -128,6 +133,11 @@ def check_same_data(run_path: Path, saved: dict[str, Any], found: dict[str, str]
     """Refuse data whose fingerprint differs from the run's, unless ``allow_different_data``."""
     if saved.get("fingerprint") == found["fingerprint"] or allow_different_data:
         return
+    if "fingerprint" not in saved:  # a run evaluated from an old best.pt, its checkpoint lost
+        raise DataError(
+            f"the fingerprint of {run_path}'s data was kept in its missing {RunFolder.CHECKPOINT}, so the data found "
+            f"({found['source']}) cannot be checked against it; pass --allow-different-data to use them"
+        )
     raise DataError(
         f"{run_path} was trained on other data ({saved.get('source')}, fingerprint {saved.get('fingerprint')}) than "
         "what was "
@@ -313,12 +323,14 @@ class RunFolder:
     def save_state(self, state: dict[str, Any]) -> None:
         save_checkpoint(state, self.checkpoint_path)
 
-    def save_best(self, epoch: int, weights: dict[str, Any]) -> None:
-        """``best.pt``: the weights of the epoch with the best validation ELBO so far."""
-        save_checkpoint({"epoch": epoch, "model": weights}, self.path / self.BEST)
+    def save_best(self, epoch: int, weights: dict[str, Any], data: dict[str, str]) -> None:
+        """``best.pt``: the weights of the epoch with the best validation ELBO so far, and the identity
+        of the data they were trained on (:func:`data_identity`): they can be evaluated without ``checkpoint.pt``."""
+        save_checkpoint({"epoch": epoch, "model": weights, "data": data}, self.path / self.BEST)
 
-    def load_best(self, config: TrainConfig, metrics: list[dict[str, Any]]) -> tuple[int, VAE]:
-        """The epoch and VAE of ``best.pt``; :class:`ConfigError` if the run has none or it is damaged."""
+    def load_best(self, config: TrainConfig, metrics: list[dict[str, Any]]) -> tuple[int, VAE, dict[str, Any]]:
+        """The epoch, VAE and data identity (empty in a ``best.pt`` written before it was kept) of ``best.pt``;
+        :class:`ConfigError` if the run has none or it is damaged."""
         path = self.path / self.BEST
         if not config.validation_size:
             raise ConfigError(
@@ -330,7 +342,8 @@ class RunFolder:
         epoch = saved.get("epoch") if isinstance(saved, dict) else None
         if not (isinstance(epoch, int) and isinstance(saved.get("model"), dict) and 1 <= epoch <= len(metrics) + 1):
             raise ConfigError(f"{path} is not a best-model file of this run; the run folder is damaged: train again")
-        return epoch, load_vae(config, saved["model"], path)
+        data = saved.get("data", {})
+        return epoch, load_vae(config, saved["model"], path), data if isinstance(data, dict) else {}
 
     def load_state(self) -> dict[str, Any]:
         """The checkpoint, checked against :func:`check_state`; :class:`ConfigError` if absent or damaged."""
@@ -339,24 +352,85 @@ class RunFolder:
     def load_checked(self) -> tuple[dict[str, Any], TrainConfig, VAE]:
         """The checkpoint with its configuration and the VAE it describes (on the CPU), each checked once."""
         if not self.checkpoint_path.is_file():
-            training = self.in_use_by()
-            if (self.path / self.CONFIG).exists() and training:
-                raise ConfigError(
-                    f"{self.path} has no checkpoint yet: its run is in progress, in its first epoch "
-                    f"({training} is training it); try again once that epoch has ended"
-                )
-            if (self.path / self.CONFIG).exists():
-                raise ConfigError(
-                    f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it "
-                    "again without --resume"
-                )
-            raise ConfigError(f"{self.path} holds no {self.CHECKPOINT}; pass the folder a 'pyro-vae train' run wrote")
+            raise self.missing_checkpoint()
         state = load_checkpoint(self.checkpoint_path)
         check_state(state, self.checkpoint_path)
         config = TrainConfig.from_dict(state["config"], f"the configuration in {self.checkpoint_path}")
         vae = load_vae(config, state["model"], self.checkpoint_path)
         check_optimizer(vae, state["optimizer"], self.checkpoint_path)
         return state, config, vae
+
+    def missing_checkpoint(self) -> ConfigError:
+        """Why there is no ``checkpoint.pt`` to load, and the way out: epochs in ``metrics.jsonl`` mean the
+        file was lost (put it back, or start a new run; ``best.pt``, if there, still loads with ``--model
+        best``); else a process holding the lock is training the first epoch, whatever files it has written
+        yet; else ``config.json`` means the run stopped in its first epoch, and nothing, not a run folder."""
+        try:
+            epochs = sum(1 for line in (self.path / self.METRICS).read_text().splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError):
+            epochs = 0
+        if epochs:  # a training writes checkpoint.pt before each epoch's line: this one was lost
+            best = (self.path / self.BEST).is_file()
+            lost = "is not a file" if os.path.lexists(self.checkpoint_path) else "is missing"
+            return ConfigError(
+                f"{self.checkpoint_path} {lost}, though {self.METRICS} records {epochs} "
+                f"epoch{'s' * (epochs != 1)}: put checkpoint.pt back to resume or evaluate the run, or start a new "
+                "--run-dir"
+                + ("; its best.pt still holds the best epoch's model: evaluate or sample it with --model best" * best)
+            )
+        training = self.in_use_by()
+        if training:
+            return ConfigError(
+                f"{self.path} has no checkpoint yet: its run is in progress, in its first epoch ({training} is "
+                "training it); try again once that epoch has ended"
+            )
+        if (self.path / self.CONFIG).exists():
+            return ConfigError(
+                f"{self.path} has no checkpoint yet: the run stopped before its first epoch ended; start it "
+                "again without --resume"
+            )
+        return ConfigError(f"{self.path} holds no {self.CHECKPOINT}; pass the folder a 'pyro-vae train' run wrote")
+
+    def read_config(self) -> TrainConfig:
+        """The run's configuration from ``config.json`` (where ``checkpoint.pt``, which holds it too, is missing)."""
+        path = self.path / self.CONFIG
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
+            raise ConfigError(
+                f"{path} cannot be read ({reason}), and without {self.CHECKPOINT} it is what holds the run's "
+                "settings; put checkpoint.pt back"
+            ) from e
+        return TrainConfig.from_dict(saved, f"the configuration in {path}")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The per-epoch records of ``metrics.jsonl`` (a non-finite number is ``None`` there);
+        :class:`ConfigError` if it cannot be read or a line is not its epoch's record."""
+        path = self.path / self.METRICS
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            reason = " ".join(str(e).split())[:120]
+            raise ConfigError(f"{path} cannot be read ({reason}); put checkpoint.pt back") from e
+        for i, row in enumerate(rows):
+            if not (isinstance(row, dict) and row.get("epoch") == i + 1):
+                raise ConfigError(
+                    f"{path} is damaged (line {i + 1} is not epoch {i + 1}'s record); put checkpoint.pt back"
+                )
+        return rows
+
+    def stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """The identity (inode, modification time, size) of ``checkpoint.pt`` and ``best.pt`` (None where
+        absent): a training replaces them with new files every epoch, so a changed stamp means new weights."""
+        found = []
+        for name in (self.CHECKPOINT, self.BEST):
+            try:
+                info = os.stat(self.path / name)
+                found.append((info.st_ino, info.st_mtime_ns, info.st_size))
+            except OSError:
+                found.append(None)
+        return tuple(found)
 
     def config_file_disagreement(self, saved: dict[str, Any]) -> str | None:
         """How ``config.json`` differs from ``saved``, the configuration in the checkpoint (a hand edit,
@@ -483,6 +557,7 @@ class SavedRun:
     config_file_note: str | None = None  # how config.json disagrees with the checkpoint, whose settings are used
     model: str = "last"  # which weights vae holds: "last" (the checkpoint's) or "best" (best.pt's)
     model_epoch: int = 0  # the epoch they were saved after
+    stamp: tuple = ()  # RunFolder.stamp() of the files as read, to tell whether a training replaced them since
 
     @property
     def is_default_model(self) -> bool:
@@ -498,20 +573,21 @@ class SavedRun:
         self, data_dir: str | None = None, allow_different_data: bool = False
     ) -> tuple[Batches, dict[str, str]]:
         """:meth:`test_split` and the identity (:func:`data_identity`) of the data it was read from."""
-        dataset = dataset_for(self.config, data_dir)
+        dataset = dataset_for(self.config, data_dir, from_run=True)
         found = data_identity(dataset)
         check_same_data(self.folder.path, self.data, found, allow_different_data)
         return split_batches(self.config, dataset, "test", self.vae.prior_loc.device), found
 
-    def evaluation_paths(self, found: dict[str, str]) -> tuple[Path, Path]:
-        """Where ``pyro-vae evaluate`` writes its results on the data ``found``: ``evaluation.json`` and
-        ``inference_data.nc`` for the run's own data (the same fingerprint), else
-        ``evaluation-on-<fingerprint>.json`` and ``inference_data-on-<fingerprint>.nc``, so that results
-        on other data never replace those on the run's own; the model that is not the run's default
-        (``last`` where there is a best) adds ``-<model>`` before those."""
+    def evaluation_paths(self, found: dict[str, str], out: str | os.PathLike | None = None) -> tuple[Path, Path]:
+        """Where ``pyro-vae evaluate`` writes its results on the data ``found``, in the run folder or
+        the folder ``out``: ``evaluation.json`` and ``inference_data.nc`` for the run's own data (the
+        same fingerprint), else ``evaluation-on-<fingerprint>.json`` and ``inference_data-on-<fingerprint>.nc``,
+        so that results on other data never replace those on the run's own; the model that is not the
+        run's default (``last`` where there is a best) adds ``-<model>`` before those."""
         suffix = "" if self.is_default_model else f"-{self.model}"
         suffix += "" if found["fingerprint"] == self.data.get("fingerprint") else f"-on-{found['fingerprint']}"
-        return self.folder / f"evaluation{suffix}.json", self.folder / f"inference_data{suffix}.nc"
+        folder = self.folder.path if out is None else Path(out)
+        return folder / f"evaluation{suffix}.json", folder / f"inference_data{suffix}.nc"
 
     def evaluate(
         self,
@@ -521,18 +597,35 @@ class SavedRun:
         chunk_size: int = 250,
         idata_points: int = 100,
         progress: bool = False,
+        out: str | os.PathLike | None = None,
     ) -> tuple[Any, dict[str, Any], Path, Path]:
         """:func:`~pyro_vae.evaluate.evaluate_model` of the run on its test split (or on the data in
         ``data_dir``), written as :func:`evaluation_record` to the JSON file and the ArviZ export of
         its first ``idata_points`` images to the netCDF file of :meth:`evaluation_paths`, both or
-        neither, with the folder locked; returns the :class:`~pyro_vae.evaluate.Evaluation`, the
-        record written and the two paths. The one writer of ``evaluation*.json``."""
+        neither; returns the :class:`~pyro_vae.evaluate.Evaluation`, the record written and the two
+        paths. The one writer of ``evaluation*.json``. A folder that cannot take them is refused first.
+
+        Into the run folder (``out`` None): with the folder locked, and refused if a training replaced
+        the checkpoint since the run was loaded (:func:`opened_run` loads it under the lock, so that it
+        cannot be); the results are marked stale by the next checkpoint. Into the folder ``out`` (made if
+        needed; never the run folder, and not a file): the run folder is only read, so it is not locked
+        (a read-only one cannot be, and a training may go on in a writable one): the results name the
+        epoch of the weights evaluated (``epochs``, ``model_epoch``), and no later training marks them stale."""
         from .evaluate import evaluate_model, export_inference_data
         from .inference_data import save_inference_data
 
-        with self.folder.locked("evaluate"):
+        if out is not None:
+            self.folder.check_output(out)
+        writer = self.folder if out is None else RunFolder(out)
+        check_writable_folder(writer.path, "--out")
+        with self.folder.locked("evaluate") if out is None else contextlib.nullcontext():
+            if out is None and self.stamp and self.folder.stamp() != self.stamp:
+                raise ConfigError(
+                    f"{self.folder.checkpoint_path} was replaced (a training went on) after this run was loaded; "
+                    "load it again, with the folder locked first (pyro_vae.run.opened_run)"
+                )
             test, data = self.test_data(data_dir, allow_different_data)
-            json_path, idata_path = self.evaluation_paths(data)  # results on other data never replace the run's own
+            json_path, idata_path = self.evaluation_paths(data, out)  # other data never replace the run's own
             result = evaluate_model(
                 self.vae,
                 test,
@@ -548,9 +641,9 @@ class SavedRun:
             )
             record = evaluation_record(result.summary(), len(self.metrics), data, self.model, self.model_epoch)
             text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
-            with self.folder.all_or_none(idata_path.name):  # the two files describe one evaluation
+            with writer.all_or_none(idata_path.name):  # the two files describe one evaluation
                 save_inference_data(idata, idata_path)
-                self.folder.write_text(json_path.name, text)
+                writer.write_text(json_path.name, text)
         return result, record, json_path, idata_path
 
 
@@ -618,18 +711,62 @@ def default_model(config: TrainConfig) -> str:
     return "best" if config.validation_size else "last"
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto", model: str | None = None) -> SavedRun:
+def load_run(run_dir: str | os.PathLike | RunFolder, device: str = "auto", model: str | None = None) -> SavedRun:
     """The saved run in ``run_dir``, its VAE on ``device`` in eval mode: ``model`` ``"last"`` (the
     checkpoint's weights) or ``"best"`` (``best.pt``, the epoch with the best validation ELBO);
-    None: :func:`default_model`."""
+    None: :func:`default_model`. ``"best"`` loads without ``checkpoint.pt`` too (the settings from
+    ``config.json``, the epochs from ``metrics.jsonl``). Without the folder's lock a training may
+    replace the files as they are read: ``checkpoint.pt`` and ``best.pt`` are read again until they
+    were not replaced meanwhile (:meth:`RunFolder.stamp`), so the two are of one moment; to keep
+    them so while using the run, hold the lock first (:func:`opened_run`)."""
     if model is not None and model not in SAVED_MODELS:
         raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(SAVED_MODELS)}")
-    folder = RunFolder(run_dir)
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    for _ in range(3):  # a training replaces the files once an epoch: a second read is almost always still
+        stamp = folder.stamp()
+        run = _read_run(folder, model)
+        if folder.stamp() == stamp:
+            run.stamp, run.vae = stamp, run.vae.to(resolve_device(device)).eval()
+            return run
+    raise ConfigError(
+        f"{folder.path} changed three times while it was read (a training writing a checkpoint every moment); "
+        "try again, or once that training has ended"
+    )
+
+
+def _read_run(folder: RunFolder, model: str | None) -> SavedRun:
+    """One reading of the run's files for :func:`load_run` (the VAE on the CPU)."""
+    if model == "best" and not folder.checkpoint_path.is_file():  # the checkpoint was lost; best.pt remains
+        config, metrics = folder.read_config(), folder.read_metrics()
+        epoch, vae, data = folder.load_best(config, metrics)
+        return SavedRun(folder, config, vae, metrics, data, None, model, epoch)
     state, config, vae = folder.load_checked()
     model = model or default_model(config)
     epoch = len(state["metrics"])
     if model == "best":
-        epoch, vae = folder.load_best(config, state["metrics"])
+        epoch, vae, _ = folder.load_best(config, state["metrics"])
     note = folder.config_file_disagreement(state["config"])
-    vae = vae.to(resolve_device(device)).eval()
     return SavedRun(folder, config, vae, state["metrics"], state["data"], note, model, epoch)
+
+
+@contextlib.contextmanager
+def opened_run(
+    run_dir: str | os.PathLike, device: str = "auto", model: str | None = None, doing: str | None = "write to it"
+) -> Iterator[SavedRun]:
+    """:func:`load_run` for a command that writes into the run folder (``doing``: what, for messages):
+    the folder's exclusive lock is taken first and held until the block ends, so what is loaded is
+    what the lock protects: no training can write a newer checkpoint between the load and the writes
+    (which :meth:`SavedRun.evaluate` would otherwise refuse). A folder without a checkpoint is
+    refused before it is locked, with :meth:`RunFolder.missing_checkpoint`'s reason (a training in
+    its first epoch: in progress), unless ``model`` ``"best"`` can load from ``best.pt``; so is a
+    folder that cannot be written (read-only: ``--out`` writes elsewhere). ``doing`` None, for a
+    command that writes elsewhere: nothing is locked, and the run is just :func:`load_run`'s."""
+    folder = RunFolder(run_dir)
+    if doing is None:
+        yield load_run(folder, device, model)
+        return
+    if not folder.checkpoint_path.is_file() and not (model == "best" and (folder / folder.BEST).is_file()):
+        raise folder.missing_checkpoint()
+    check_writable_folder(folder.path, "--out")
+    with folder.locked(doing):
+        yield load_run(folder, device, model)

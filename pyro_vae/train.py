@@ -133,7 +133,8 @@ class Trainer:
                 f"run folder {self.folder.path} already exists and is not empty; pass --resume to continue it or "
                 "choose another --run-dir"
             )
-        self.dataset = dataset_for(config, progress=self.progress)  # the model takes the data's image shape
+        recorded = resume and config.data_dir == saved_config.data_dir  # an error names it as the run's place
+        self.dataset = dataset_for(config, progress=self.progress, from_run=recorded)  # the model takes its shape
         self.config = config = config if resume else config_for_data(config, self.dataset)
         load_torchvision()  # it draws every epoch's figures: refused now rather than after the first epoch
         self.device = self.parallel.device(config.device)
@@ -432,7 +433,7 @@ class Trainer:
         }
         self.parallel.save_device_rng(state["rng"], self.device)
         if self.validation_batches is not None and best_epoch(self.metrics) == len(self.metrics):
-            self.folder.save_best(len(self.metrics), state["model"])  # first: a checkpoint never names a missing best
+            self.folder.save_best(len(self.metrics), state["model"], self.data)  # first: never a missing best
         self.folder.save_state(state)
         self.folder.write_config(self.config)
         self.folder.write_metrics(self.metrics)

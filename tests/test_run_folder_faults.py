@@ -335,13 +335,19 @@ def test_other_data_is_used_when_allowed_and_evaluated_into_files_of_its_own(fol
     assert list(folder.path.glob(".*.tmp")) == []
 
 
-def test_a_run_whose_data_moved_is_refused_not_fed_the_systems_data(folder, tmp_path, system_data, capsys):
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+@pytest.mark.parametrize("gone", ["moved away", "emptied"])
+def test_a_run_whose_data_moved_is_refused_not_fed_the_systems_data(folder, tmp_path, system_data, capsys, command, gone):
     state = folder.state()
     state["config"]["data_dir"] = str(tmp_path / "moved")
+    if gone == "emptied":
+        (tmp_path / "moved").mkdir()
     (folder.path / "config.json").write_text(json.dumps(state["config"], indent=2) + "\n")  # as the run wrote both
     folder.save_state(state)
-    err = refused(capsys, ["evaluate", folder.path, "--num-samples", 2], f"not found. Looked in: {tmp_path / 'moved'},")
-    assert str(system_data) not in err
+    argv = {"evaluate": ["evaluate", folder.path, "--num-samples", 2], "resume": ["train", "--resume", "--run-dir", folder.path, "--epochs", 2]}
+    # the user never passed --data-dir: the message names the run's own place, and how to give the new one
+    err = refused(capsys, argv[command], f"the run's data were in {tmp_path / 'moved'}, which no longer holds them; pass --data-dir with their new location")
+    assert str(system_data) not in err and "spelling" not in err
     folder.assert_unchanged()
 
 
@@ -512,7 +518,7 @@ def test_a_checkpoint_that_is_a_folder_is_refused(folder, capsys):
     (folder.path / "checkpoint.pt").unlink()
     (folder.path / "checkpoint.pt").mkdir()
     folder.remember()
-    refused(capsys, ["evaluate", folder.path], "no checkpoint")
+    refused(capsys, ["evaluate", folder.path], "checkpoint.pt is not a file, though metrics.jsonl records 1 epoch")
     folder.assert_unchanged()
 
 
@@ -750,10 +756,10 @@ def test_a_completely_full_disk_still_gives_one_line(tmpfs, trained, capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (lambda f, d: ["evaluate", f.path, "--num-samples", 3, "--no-progress"], "cannot evaluate in"),
+        (lambda f, d: ["evaluate", f.path, "--num-samples", 3, "--no-progress"], "pass --out with a place you can write to"),
         (lambda f, d: resume(f, d, "--epochs", 2), "cannot train in"),
-        (lambda f, d: ["sample", f.path, "--num", 4], "cannot sample in"),
-        (lambda f, d: ["compare", f.path, "--estimators", "trace", "--particles", 1, "--repeats", 2, "--num-data", 4, "--no-progress"], "cannot write"),
+        (lambda f, d: ["sample", f.path, "--num", 4], "pass --out with a place you can write to"),
+        (lambda f, d: ["compare", f.path, "--estimators", "trace", "--particles", 1, "--repeats", 2, "--num-data", 4], "pass --out with a place you can write to"),
     ],
     ids=["evaluate", "resume", "sample", "compare"],
 )
@@ -761,7 +767,19 @@ def test_a_read_only_run_folder_is_one_line(tmpfs, trained, data, capsys, argv, 
     # root ignores chmod 555, so the folder is made read-only the way root cannot ignore: a read-only mount
     folder = Folder(tmpfs, trained)
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    capsys.readouterr()
     refused(capsys, argv(folder, data), message, "Read-only file system")
+    folder.assert_unchanged()
+
+
+def test_a_read_only_run_is_evaluated_into_out(tmpfs, trained, tmp_path, capsys):
+    folder = Folder(tmpfs, trained)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    out = succeeds(capsys, ["evaluate", folder.path, "--num-samples", 3, "--idata-points", 2, "--no-progress", "--out", tmp_path / "results"])
+    assert f"written: {tmp_path / 'results' / 'evaluation.json'}" in out
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == EVALUATION_FILES  # the run folder's names, nothing else
+    record = json.loads((tmp_path / "results" / "evaluation.json").read_text())
+    assert record["epochs"] == 1 and record["num_samples"] == 3 and record["data"] == folder.state()["data"]
     folder.assert_unchanged()
 
 
@@ -875,3 +893,128 @@ def test_the_library_raises_numerical_error_when_no_step_is_finite(tmp_path, dat
     with pytest.raises(NumericalError, match=r"no training step of epoch 1 .* no checkpoint was written\. Try a lower --lr") as info:
         train(config, tmp_path / "run", progress=False)
     assert "\n" not in str(info.value) and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ----------------- 7: what is read is what the lock protects; a lost checkpoint; --out; a run just begun
+
+
+@pytest.mark.parametrize("command", [["evaluate", "{run}", "--num-samples", "2"], ["sample", "{run}", "--num", "4"]], ids=["evaluate", "sample"])
+def test_evaluate_and_sample_into_the_run_folder_lock_it_before_reading_it(folder, capsys, command):
+    # under another writer's lock the checkpoint is that writer's business: a command that read it before
+    # locking would be refused for this damaged file; one that locks first is refused for the lock, naming it
+    with RunFolder(folder.path).locked():
+        (folder.path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+        refused(capsys, [a.format(run=folder.path) for a in command], f"is in use by process {os.getpid()}")
+
+
+def test_a_run_loaded_before_a_training_went_on_is_not_evaluated_as_if_current(folder, data, capsys):
+    from pyro_vae.run import load_run, opened_run
+
+    run = load_run(folder.path, "cpu")  # epoch 1; then a training writes epoch 2 before the evaluation locks
+    succeeds(capsys, resume(folder, data, "--epochs", 2))
+    before = {name: (folder.path / name).read_bytes() for name in EVALUATION_FILES}
+    with pytest.raises(ConfigError, match=r"checkpoint\.pt was replaced \(a training went on\) after this run was loaded"):
+        run.evaluate(num_samples=2, idata_points=2)
+    assert {name: (folder.path / name).read_bytes() for name in EVALUATION_FILES} == before
+    assert "trained to epoch 2 since" in json.loads(before["evaluation.json"])["stale"]  # still says what it describes
+    with opened_run(folder.path, "cpu", doing="evaluate") as current:  # locked, then loaded: epoch 2
+        current.evaluate(num_samples=2, idata_points=2)
+    record = json.loads((folder.path / "evaluation.json").read_text())
+    assert record["epochs"] == 2 and "stale" not in record
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, data):
+    """A one-epoch run with a validation split: it has best.pt."""
+    run = tmp_path_factory.mktemp("validated") / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--validation-size", "16", "--data-dir", str(data / "idx"), "--run-dir", str(run)]) == 0
+    assert (run / "best.pt").is_file()
+    return run
+
+
+LOST = "checkpoint.pt is missing, though metrics.jsonl records 1 epoch: put checkpoint.pt back to resume or evaluate the run, or start a new --run-dir"
+
+
+@pytest.mark.parametrize("command", ["resume", "evaluate", "sample"])
+@pytest.mark.parametrize("with_best", [True, False], ids=["best.pt", "no best.pt"])
+def test_a_lost_checkpoint_is_named_with_the_real_ways_out(tmp_path, trained, validated, data, capsys, with_best, command):
+    folder = Folder(tmp_path, validated if with_best else trained)
+    (folder.path / "checkpoint.pt").unlink()
+    folder.remember()
+    argv = {"resume": resume(folder, data, "--epochs", 2), "evaluate": ["evaluate", folder.path, "--num-samples", 2], "sample": ["sample", folder.path, "--num", 4]}
+    err = refused(capsys, argv[command], LOST)
+    assert ("best.pt still holds the best epoch's model: evaluate or sample it with --model best" in err) == with_best
+    assert "first epoch" not in err and "without --resume" not in err  # not the loop the trial found
+    folder.assert_unchanged()
+
+
+def test_the_best_model_is_evaluated_and_sampled_without_the_checkpoint(tmp_path, validated, capsys):
+    folder = Folder(tmp_path, validated)
+    (folder.path / "checkpoint.pt").unlink()
+    succeeds(capsys, ["evaluate", folder.path, "--model", "best", "--num-samples", 3, "--idata-points", 2, "--no-progress"])
+    record = json.loads((folder.path / "evaluation.json").read_text())
+    (epoch_1,) = strict_json_lines(folder.path / "metrics.jsonl")
+    assert (record["model"], record["model_epoch"], record["epochs"]) == ("best", 1, 1)
+    assert record["test_elbo"] == epoch_1["test_elbo"]  # the weights training scored, on the data it recorded in best.pt
+    succeeds(capsys, ["sample", folder.path, "--model", "best", "--num", 4, "--out", tmp_path / "best.png"])
+    assert (tmp_path / "best.png").read_bytes().startswith(b"\x89PNG")
+    assert not (folder.path / "checkpoint.pt").exists()
+
+
+def test_an_older_best_pt_without_the_datas_fingerprint_needs_allow_different_data(tmp_path, validated, capsys):
+    folder = Folder(tmp_path, validated)
+    (folder.path / "checkpoint.pt").unlink()
+    best = torch.load(folder.path / "best.pt", weights_only=True)
+    torch.save({"epoch": best["epoch"], "model": best["model"]}, folder.path / "best.pt")  # as runs wrote it before
+    folder.remember()
+    argv = ["evaluate", folder.path, "--model", "best", "--num-samples", 3, "--idata-points", 2, "--no-progress"]
+    refused(capsys, argv, "data was kept in its missing checkpoint.pt", "pass --allow-different-data to use them")
+    folder.assert_unchanged()
+    succeeds(capsys, [*argv, "--allow-different-data"])
+    assert len(list(folder.path.glob("evaluation-on-*.json"))) == 1 and not (folder.path / "evaluation.json").exists()
+
+
+def test_evaluate_out_writes_elsewhere_and_only_reads_the_run_folder(folder, tmp_path, capsys):
+    with RunFolder(folder.path).locked():  # a training holds the folder: it is read all the same, never written
+        out = succeeds(capsys, ["evaluate", folder.path, "--num-samples", 3, "--idata-points", 2, "--no-progress", "--out", tmp_path / "results"])
+    assert f"written: {tmp_path / 'results' / 'evaluation.json'}" in out
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == EVALUATION_FILES
+    record = json.loads((tmp_path / "results" / "evaluation.json").read_text())
+    assert record["epochs"] == 1 and record["num_samples"] == 3
+    folder.assert_unchanged()
+
+
+OUT_COMMANDS = {
+    "evaluate": lambda f: ["evaluate", f.path, "--num-samples", 3, "--no-progress"],
+    "compare": lambda f: ["compare", f.path, "--estimators", "trace", "--particles", 1, "--repeats", 2, "--num-data", 4, "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+@pytest.mark.parametrize(
+    "out,message",
+    [("{sentinel}", "--out {sentinel} is a file, not a folder"), ("{sentinel}/results", "Not a directory; pass --out with a place you can write to"), ("{run}", "is the run folder")],
+    ids=["a file", "under a file", "the run folder"],
+)
+def test_an_out_that_cannot_take_the_results_is_refused_before_computing(folder, capsys, command, out, message):
+    out = out.format(sentinel=folder.sentinel, run=folder.path)
+    capsys.readouterr()
+    code = main([str(a) for a in [*OUT_COMMANDS[command](folder), "--out", out]])
+    printed, err = capsys.readouterr()
+    assert code == 2 and printed == "", printed  # compare prints its title before it computes: it never began
+    assert_one_line(err, message.format(sentinel=folder.sentinel))
+    folder.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["evaluate", "{run}"], ["evaluate", "{run}", "--out", "{tmp}/results"], ["sample", "{run}"], ["compare", "{run}"]],
+    ids=["evaluate", "evaluate --out", "sample", "compare"],
+)
+def test_a_run_whose_training_has_just_begun_is_in_progress(tmp_path, capsys, argv):
+    run = tmp_path / "run"
+    with RunFolder(run).locked("train"):  # a training's first moment: its lock, and no other file yet
+        assert [p.name for p in run.iterdir()] == [".lock"]
+        refused(capsys, [a.format(run=run, tmp=tmp_path) for a in argv], "its run is in progress, in its first epoch", f"process {os.getpid()} is training it")
+        assert [p.name for p in run.iterdir()] == [".lock"]
+    assert not (tmp_path / "results").exists()
