@@ -4,7 +4,8 @@ the model it evaluated) and, where every run is on their protocol (dynamically b
 Fashion-MNIST, Bernoulli likelihood), the published anchors, so a reader sees where each run was
 heading when it stopped, side by side.
 
-    python benchmarks/learning_curve.py runs/fmnist-gauss-300x2-z40 runs/fmnist-vamp-300x2-z40 --out docs/img/fashion-mnist-priors.png
+    python benchmarks/learning_curve.py runs/fmnist-gauss-300x2-z40 runs/fmnist-vamp-300x2-z40 runs/fmnist-vampiaf-300x2-z40 \
+        --out docs/img/fashion-mnist-recipes.png
 
 The hours come from each run's ``times.jsonl`` (the wall-clock seconds of every epoch); a run that
 lacks some epochs' times (trained before they were kept) is left out of that panel and named there.
