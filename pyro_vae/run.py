@@ -314,11 +314,17 @@ class RunFolder:
 
     def read_times(self, epochs: int) -> list[dict[str, Any]]:
         """The lines of ``times.jsonl`` for the first ``epochs`` epochs (none for a run saved before it
-        was kept, or for epochs past the checkpoint's)."""
+        was kept, or for epochs past the checkpoint's); :class:`ConfigError` naming the fix if damaged."""
         path = self.path / self.TIMES
         if not path.exists():
             return []
-        return [row for row in map(json.loads, path.read_text().splitlines()) if row["epoch"] <= epochs]
+        try:
+            return [row for row in map(json.loads, path.read_text().splitlines()) if row["epoch"] <= epochs]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{path} is damaged ({type(e).__name__}); put the original back, or delete it to go on (only the "
+                "wall-clock times of the epochs so far are lost)"
+            ) from e
 
     def save_state(self, state: dict[str, Any]) -> None:
         save_checkpoint(state, self.checkpoint_path)

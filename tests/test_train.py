@@ -67,6 +67,20 @@ def test_each_epochs_wall_time_is_kept_beside_the_metrics_and_survives_a_resume(
     assert all(0 < row["seconds"] < 1e9 for row in times)
 
 
+def test_a_damaged_times_file_is_refused_at_resume_with_the_fix_and_nothing_changed(tmp_path, data_dir):
+    config = dict(data_dir=data_dir, **SMALL)
+    train(TrainConfig(epochs=1, **config), tmp_path / "run", progress=False)
+    times = tmp_path / "run" / "times.jsonl"
+    times.write_text("not json\n")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="times.jsonl is damaged .*put the original back, or delete it to go on"):
+        train(TrainConfig(epochs=2, **config), tmp_path / "run", resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    times.unlink()  # the way out it names
+    train(TrainConfig(epochs=2, **config), tmp_path / "run", resume=True, progress=False)
+    assert [row["epoch"] for row in read_times(tmp_path / "run")] == [2]
+
+
 @pytest.mark.slow
 def test_training_improves_the_elbo(tmp_path, data_dir):
     metrics = train(TrainConfig(epochs=4, data_dir=data_dir, **SMALL), tmp_path / "run", progress=False)
