@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from itertools import accumulate
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -65,7 +66,7 @@ def learning_curves_figure(runs: list[Path]) -> Figure:
         rows = read_lines(run / "metrics.jsonl")
         epochs = [row["epoch"] for row in rows]
         times = {row["epoch"]: row["seconds"] for row in read_lines(run / "times.jsonl")}
-        hours = [sum(times.get(e, math.nan) for e in range(1, epoch + 1)) / 3600 for epoch in epochs]
+        hours = [seconds / 3600 for seconds in accumulate(times.get(epoch, math.nan) for epoch in epochs)]  # 1, 2, ...
         curves = [("test ELBO", "test_elbo", 1.5, "-")]
         if all("val_elbo" in row for row in rows):
             curves.append(("validation ELBO", "val_elbo", 1, "--"))

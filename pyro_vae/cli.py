@@ -298,8 +298,8 @@ def train_command(args: argparse.Namespace) -> int:
             epochs = trainer.config.epochs
             if args.resume:
                 say(f"resuming {run_dir} after epoch {trainer.epochs_done} of {epochs}", flush=True)
-                if trainer.lost_best_note():
-                    say(f"pyro-vae: warning: {trainer.lost_best_note()}", file=sys.stderr, flush=True)
+                if lost := trainer.lost_best_note():
+                    say(f"pyro-vae: warning: {lost}", file=sys.stderr, flush=True)
                 if trainer.stopped_early:
                     say(
                         f"nothing to train: {stopped_early_line(trainer)}; pass --early-stopping above "
